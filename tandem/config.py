@@ -1,0 +1,144 @@
+"""One pydantic config tree: the server's settings and each model's `tandem.yaml`.
+
+Errors are turned into `ConfigError`s naming the file, the field and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tandem.errors import ConfigError
+
+__all__ = ["BatchingConfig", "ModelConfig", "ServerConfig", "load_model_config", "parse_bytes"]
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+
+
+def parse_bytes(value: int | str | None) -> int | None:
+    """Parse `"2GiB"`, `"512MB"`, `1048576` into bytes."""
+    if value is None or isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", value)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot parse {value!r} as a size; write e.g. 2GiB, 512MB or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (honours affinity masks and containers)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BatchingConfig(_Strict):
+    """Dynamic batching: a batch closes when full or `max_batch_delay_ms` after its first item."""
+
+    max_batch_size: int = Field(default=32, ge=1, le=4096)
+    max_batch_delay_ms: float = Field(default=5.0, ge=0, le=10_000)
+    length_aware: bool = True
+
+
+class ModelConfig(_Strict):
+    """Settings of one model (a folder of the model repository with `model.py` + `tandem.yaml`)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    version: str = Field(default="1", pattern=r"^[A-Za-z0-9_.-]+$")
+    cpu_workers: int | Literal["auto"] = "auto"
+    instances: int = Field(default=1, ge=1, le=64)
+    device: str = "auto"
+    threads: int | Literal["auto"] = "auto"
+    memory_limit: int | None = None
+    batching: BatchingConfig | None = None
+    timeout_s: float = Field(default=30.0, gt=0)
+    queue_size: int = Field(default=64, ge=1, le=65536)
+    max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1)
+    max_request_rows: int = Field(default=4, ge=1, le=4096)  # rows one v2 request may carry
+    weights: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    path: Path = Path(".")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {v!r}")
+        return v
+
+    @field_validator("memory_limit", "max_request_bytes", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        return parse_bytes(v) if isinstance(v, str) else v
+
+    @field_validator("cpu_workers", "threads")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be >= 1 or 'auto'")
+        return v
+
+    @property
+    def key(self) -> str:
+        """Unique name of this model version inside a server."""
+        return f"{self.name}:{self.version}"
+
+    def weights_path(self) -> Path | None:
+        if self.weights is None:
+            return None
+        p = Path(self.weights)
+        return p if p.is_absolute() else (self.path / p)
+
+
+class ServerConfig(_Strict):
+    """Process-level settings; CLI flags and TANDEM_* variables fill it."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    cpu_workers: int | None = Field(default=None, ge=1, le=256)
+    default_model: str | None = None
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+    log_level: str = "info"
+    restart_backoff_s: float = Field(default=0.5, ge=0)
+
+
+def _format_validation(path: Path, err: ValidationError) -> str:
+    lines = [f"{path}: invalid configuration"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        fix = {"extra_forbidden": "remove it or check its spelling",
+               "missing": "add it"}.get(e["type"], "see the tandem.yaml reference in README.md")
+        lines.append(f"  field {field!r}: {e['msg']} (fix: {fix})")
+    return "\n".join(lines)
+
+
+def load_model_config(folder: Path, name: str | None = None, version: str | None = None) -> ModelConfig:
+    """Read and validate `folder/tandem.yaml`; `name` and `version` are defaults the file may override."""
+    path = folder / "tandem.yaml"
+    raw: Any = {}
+    if path.exists():
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    raw.setdefault("name", name or folder.name)
+    if version is not None:
+        raw.setdefault("version", version)
+    raw["path"] = folder.resolve()
+    try:
+        return ModelConfig(**raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation(path, e)) from None

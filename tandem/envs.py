@@ -1,0 +1,33 @@
+"""Every TANDEM_* environment variable, read in one place."""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["TANDEM_HOST", "TANDEM_PORT", "TANDEM_CPU_WORKERS", "TANDEM_SHM_DIR", "TANDEM_LOG_LEVEL",
+           "TANDEM_DRAIN_TIMEOUT_S", "env_str", "env_int"]
+
+
+def env_str(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name, default)
+
+
+def env_int(name: str, default: int | None = None) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else default
+
+
+# Bind address and port of the HTTP server (CLI flags win).
+TANDEM_HOST = "TANDEM_HOST"
+TANDEM_PORT = "TANDEM_PORT"
+# Number of front (HTTP + pre/post-processing) processes; default from available CPUs.
+TANDEM_CPU_WORKERS = "TANDEM_CPU_WORKERS"
+# Where shared-memory arenas live (default /dev/shm).
+TANDEM_SHM_DIR = "TANDEM_SHM_DIR"
+TANDEM_LOG_LEVEL = "TANDEM_LOG_LEVEL"
+# Seconds SIGTERM waits for in-flight requests before closing.
+TANDEM_DRAIN_TIMEOUT_S = "TANDEM_DRAIN_TIMEOUT_S"
+
+
+def shm_dir() -> str:
+    return env_str(TANDEM_SHM_DIR) or "/dev/shm"

@@ -1,0 +1,1 @@
+"""Tandem serving engine: proxy/front, accelerator workers, supervisor."""

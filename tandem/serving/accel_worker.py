@@ -1,0 +1,221 @@
+"""Accelerator worker: one process per model replica that only batches and runs `predict`.
+
+No pre- or post-processing runs here. Tasks arrive over ZeroMQ with tensor metadata; tensors are
+read zero-copy from the fronts' shared-memory arenas, stacked (length-aware), run, and the outputs
+written back into each request's slot.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import numpy as np
+import zmq
+
+from tandem.model import Model
+from tandem.serving.batcher import Pending, assemble, batch_deadline, pick_batch, split_rows
+from tandem.serving.layout import RunLayout
+from tandem.serving.messages import Ready, Result, Task, decoder, encoder
+from tandem.serving.repository import ModelEntry, instantiate
+from tandem.serving.shm import Arena
+
+__all__ = ["run_accel_worker"]
+
+logger = logging.getLogger(__name__)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _setup_model(entry: ModelEntry) -> tuple[Model, str]:
+    """Pin threads, bound memory, build the model and run its setup; errors name the limit."""
+    import torch
+
+    torch.set_num_threads(entry.threads())
+    device = entry.device()
+    limit = entry.config.memory_limit
+    if device.startswith("cuda"):
+        dev = torch.device(device)
+        total = torch.cuda.get_device_properties(dev).total_memory
+        if limit:
+            torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), dev)
+    model = instantiate(entry)
+    try:
+        model.setup(device)
+    except torch.cuda.OutOfMemoryError as e:
+        raise RuntimeError(f"model {entry.key} does not fit memory_limit={limit} bytes on {device}: {e}") from e
+    if limit:
+        used = torch.cuda.memory_reserved(torch.device(device)) if device.startswith("cuda") else _rss_bytes()
+        if used > limit:
+            what = "CUDA memory reserved" if device.startswith("cuda") else "process RSS"
+            raise RuntimeError(f"model {entry.key} uses {used / 2**20:.0f} MiB ({what}) after setup, "
+                               f"over its memory_limit of {limit / 2**20:.0f} MiB; raise memory_limit "
+                               "or lower instances")
+    return model, device
+
+
+class _Worker:
+    """State of one replica's loop: sockets, attached arenas, waiting tasks."""
+
+    def __init__(self, entry: ModelEntry, replica: int, layout: RunLayout, model: Model, device: str) -> None:
+        self.entry, self.replica, self.layout = entry, replica, layout
+        self.model, self.device = model, device
+        self.ctx = zmq.Context()
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.bind(layout.task_endpoint(entry.index, replica))
+        self.pushes: dict[int, zmq.Socket[Any]] = {}
+        self.arenas: dict[int, Arena] = {}
+        self.pending: list[Pending] = []
+        self.stop = False
+        from tandem.serving.metrics import metrics
+
+        self.metrics = metrics()
+
+    def arena(self, front: int) -> Arena:
+        if front not in self.arenas:
+            self.arenas[front] = Arena.attach(self.layout.arena_path(front, self.entry.index))
+        return self.arenas[front]
+
+    def push(self, front: int) -> zmq.Socket[Any]:
+        if front not in self.pushes:
+            sock = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.layout.result_endpoint(front))
+            self.pushes[front] = sock
+        return self.pushes[front]
+
+    def receive(self, timeout_ms: int) -> None:
+        if not self.pull.poll(timeout_ms):
+            return
+        while True:
+            try:
+                raw = self.pull.recv(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            msg = decoder.decode(raw)
+            if isinstance(msg, Task):
+                self.accept(msg)
+
+    def accept(self, task: Task) -> None:
+        arena = self.arena(task.front)
+        if arena.owner(task.slot) != task.req_id:
+            return  # stale: the request timed out or its front restarted
+        try:
+            arrays = {m.name: arena.view(task.slot, m) for m in task.inputs}
+        except ValueError as e:
+            self.reply(task, Result(task.req_id, [], error=str(e)))
+            return
+        self.pending.append(Pending(task, time.monotonic(), arrays))
+
+    def reply(self, task: Task, result: Result) -> None:
+        self.push(task.front).send(encoder.encode(result), copy=False)
+
+    def step(self) -> None:
+        """Wait for work until the batch deadline, then run one batch if due."""
+        b = self.entry.batching
+        if not self.pending:
+            self.receive(100)
+            return
+        wait = batch_deadline(self.pending, b.max_batch_size, b.max_batch_delay_ms / 1000) - time.monotonic()
+        if wait > 0:
+            self.receive(max(1, int(wait * 1000)))
+            if batch_deadline(self.pending, b.max_batch_size, b.max_batch_delay_ms / 1000) > time.monotonic():
+                return
+        else:
+            self.receive(0)  # pick up what arrived during the last predict before choosing
+        batch = pick_batch(self.pending, b.max_batch_size, b.length_aware)
+        self.run_batch(batch)
+
+    def run_batch(self, batch: list[Pending]) -> None:
+        import torch
+
+        start = time.monotonic()
+        name = self.entry.config.name
+        for p in batch:
+            self.metrics.queue_time.labels(name).observe(max(0.0, start - p.task.enqueued))
+        try:
+            inputs = assemble([p.arrays for p in batch], self.entry.inputs)
+            tensors = {k: torch.from_numpy(v).to(self.device) for k, v in inputs.items()}
+            with torch.inference_mode():
+                out = self.model.predict(tensors)
+            outputs = self.to_numpy(out, sum(p.rows for p in batch))
+        except Exception as e:  # the boundary: predict's failure goes to each request, not the worker
+            logger.exception("predict failed for %s", self.entry.key)
+            for p in batch:
+                self.reply(p.task, Result(p.task.req_id, [], error=f"predict failed: {type(e).__name__}: {e}"))
+            return
+        predict_ms = (time.monotonic() - start) * 1000
+        self.metrics.predict_time.labels(name).observe(predict_ms / 1000)
+        self.metrics.batch_size.labels(name).observe(sum(p.rows for p in batch))
+        for p, rows in zip(batch, split_rows(outputs, [p.rows for p in batch])):
+            self.deliver(p, rows, predict_ms, len(batch))
+
+    def to_numpy(self, out: Any, rows: int) -> dict[str, np.ndarray]:
+        if not isinstance(out, dict):
+            raise TypeError(f"predict must return a dict of tensors, got {type(out).__name__}")
+        result = {}
+        for spec in self.entry.outputs:
+            if spec.name not in out:
+                raise KeyError(f"predict did not return output {spec.name!r}")
+            arr = out[spec.name]
+            arr = arr.detach().cpu().numpy() if hasattr(arr, "detach") else np.asarray(arr)
+            if arr.shape[:1] != (rows,):
+                raise ValueError(f"output {spec.name!r} has batch dim {arr.shape[:1]}, expected {rows}")
+            result[spec.name] = arr.astype(spec.np_dtype, copy=False)
+        return result
+
+    def deliver(self, p: Pending, rows: dict[str, np.ndarray], predict_ms: float, n: int) -> None:
+        arena = self.arena(p.task.front)
+        if arena.owner(p.task.slot) != p.task.req_id:
+            return  # the front gave up on this request; never write into a reused slot
+        try:
+            metas = arena.write(p.task.slot, rows)
+            result = Result(p.task.req_id, metas, queue_ms=0.0, predict_ms=predict_ms, batch_size=n)
+        except ValueError as e:
+            result = Result(p.task.req_id, [], error=f"output does not fit the slot: {e}")
+        self.reply(p.task, result)
+
+    def close(self) -> None:
+        for sock in [self.pull, *self.pushes.values()]:
+            sock.close(linger=100)
+        self.ctx.term()
+        for arena in self.arenas.values():
+            arena.close()
+
+
+def _report(layout: RunLayout, ready: Ready) -> None:
+    ctx: zmq.Context[Any] = zmq.Context.instance()
+    sock = ctx.socket(zmq.PUSH)
+    sock.connect(layout.control_endpoint)
+    sock.send(encoder.encode(ready))
+    sock.close(linger=2000)
+
+
+def run_accel_worker(entry: ModelEntry, replica: int, layout: RunLayout) -> None:
+    """Process entry point (started with spawn by the supervisor)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s accel[{entry.key}#{replica}] %(message)s")
+    try:
+        model, device = _setup_model(entry)
+        worker = _Worker(entry, replica, layout, model, device)
+    except Exception as e:
+        logger.exception("setup failed")
+        _report(layout, Ready("accel", entry.key, replica, os.getpid(), error=f"{type(e).__name__}: {e}"))
+        raise SystemExit(1) from None
+
+    def _stop(signum: int, frame: object) -> None:
+        worker.stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    _report(layout, Ready("accel", entry.key, replica, os.getpid(), detail=device))
+    try:
+        while not worker.stop or worker.pending:
+            worker.step()
+    finally:
+        worker.close()

@@ -1,0 +1,69 @@
+"""Front process: HTTP server plus the CPU worker role (pre/post-processing).
+
+The proxy and the CPU workers are merged into N identical front processes that share one listening
+socket: a request is parsed, preprocessed, dispatched and postprocessed in the same process, which
+saves a hop (and a copy) per request compared with a separate proxy. The accelerator is never
+touched here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import uvicorn
+import zmq
+
+from tandem.serving.dispatch import Dispatcher
+from tandem.serving.layout import RunLayout
+from tandem.serving.messages import Ready, encoder
+from tandem.serving.proxy import Front, build_app
+from tandem.serving.repository import ModelEntry, instantiate
+
+__all__ = ["run_front"]
+
+logger = logging.getLogger(__name__)
+
+
+def _report(layout: RunLayout, ready: Ready) -> None:
+    ctx: zmq.Context[Any] = zmq.Context.instance()
+    sock = ctx.socket(zmq.PUSH)
+    sock.connect(layout.control_endpoint)
+    sock.send(encoder.encode(ready))
+    sock.close(linger=2000)
+
+
+def run_front(index: int, entries: list[ModelEntry], layout: RunLayout, sock: socket.socket,
+              default_model: str | None, drain_timeout_s: float, log_level: str) -> None:
+    """Process entry point (started with spawn by the supervisor)."""
+    logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s front[{index}] %(message)s")
+    try:
+        objects = {}
+        for entry in entries:
+            model = instantiate(entry)
+            model.setup_cpu()
+            objects[entry.key] = model
+    except Exception as e:
+        logger.exception("setup_cpu failed")
+        _report(layout, Ready("front", "", index, os.getpid(), error=f"{type(e).__name__}: {e}"))
+        raise SystemExit(1) from None
+
+    front = Front(objects, default_model)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        dispatcher = Dispatcher(entries, layout, index)
+        front.attach(dispatcher)
+        dispatcher.start()
+        _report(layout, Ready("front", "", index, os.getpid()))
+        yield
+        await dispatcher.close()
+
+    app = build_app(front, lifespan=lifespan)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=max(1, round(drain_timeout_s)), loop="auto", http="auto")
+    uvicorn.Server(config).run(sockets=[sock])

@@ -1,0 +1,133 @@
+"""Model repository: one folder per model with `model.py` (a Model subclass) and `tandem.yaml`.
+
+A folder may also hold version sub-folders (`1/`, `2/`, each with model.py + tandem.yaml); each
+becomes a separate version of the same model name.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tandem.config import BatchingConfig, ModelConfig, available_cpus, load_model_config
+from tandem.errors import ConfigError
+from tandem.model import Model, TensorSpec
+
+__all__ = ["ModelEntry", "default_repository", "instantiate", "load_model_class", "scan_repository"]
+
+
+def default_repository() -> Path:
+    return Path(__file__).resolve().parent.parent / "default_repo"
+
+
+def load_model_class(folder: Path, key: str) -> type[Model]:
+    """Import `folder/model.py` and return its single Model subclass."""
+    path = folder / "model.py"
+    if not path.exists():
+        raise ConfigError(f"{folder}: no model.py (fix: add one defining a tandem.Model subclass)")
+    mod_name = "tandem_user_model_" + "".join(c if c.isalnum() else "_" for c in key)
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise ConfigError(f"{path}: import failed: {type(e).__name__}: {e}") from e
+    classes = [c for c in vars(module).values()
+               if inspect.isclass(c) and issubclass(c, Model) and c is not Model
+               and c.__module__ == mod_name]
+    if len(classes) != 1:
+        names = ", ".join(c.__name__ for c in classes) or "none"
+        raise ConfigError(f"{path}: expected exactly one tandem.Model subclass, found {names}")
+    cls = classes[0]
+    if not cls.inputs or not cls.outputs:
+        raise ConfigError(f"{path}: {cls.__name__} must declare `inputs` and `outputs` TensorSpec lists")
+    return cls
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model version as the server runs it: its config plus everything derived from it."""
+
+    index: int
+    config: ModelConfig
+    batching: BatchingConfig
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    max_request_rows: int
+
+    @property
+    def key(self) -> str:
+        return self.config.key
+
+    @property
+    def item_bytes(self) -> int:
+        return max(sum(s.max_bytes for s in self.inputs), sum(s.max_bytes for s in self.outputs))
+
+    @property
+    def slot_payload(self) -> int:
+        # Each tensor is 64-byte aligned inside a slot.
+        n = len(self.inputs) + len(self.outputs)
+        return self.item_bytes * self.max_request_rows + 64 * n
+
+    def threads(self) -> int:
+        t = self.config.threads
+        return t if isinstance(t, int) else max(1, available_cpus() // self.config.instances)
+
+    def device(self) -> str:
+        dev = self.config.device
+        if dev != "auto":
+            return dev
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def first_variable_input(self) -> str | None:
+        return next((s.name for s in self.inputs if -1 in s.shape), None)
+
+
+def _entry(index: int, folder: Path, name: str, version: str | None) -> ModelEntry:
+    config = load_model_config(folder, name, version)
+    cls = load_model_class(folder, config.key)
+    batching = config.batching or BatchingConfig(
+        max_batch_size=cls.max_batch_size, max_batch_delay_ms=cls.max_batch_delay_ms)
+    rows = min(batching.max_batch_size, config.max_request_rows)
+    return ModelEntry(index, config, batching, tuple(cls.inputs), tuple(cls.outputs), max(1, rows))
+
+
+def _model_folders(repo: Path) -> list[tuple[Path, str, str | None]]:
+    """(folder, default name, default version) of every model version in `repo`."""
+    if (repo / "model.py").exists():  # a single model folder passed directly
+        return [(repo, repo.name, None)]
+    found: list[tuple[Path, str, str | None]] = []
+    for child in sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
+        if (child / "model.py").exists():
+            found.append((child, child.name, None))
+        found.extend((v, child.name, v.name) for v in sorted(child.iterdir())
+                     if v.is_dir() and (v / "model.py").exists())
+    return found
+
+
+def scan_repository(repo: Path) -> list[ModelEntry]:
+    """Load and validate every model of a repository; errors name the file and field."""
+    if not repo.is_dir():
+        raise ConfigError(f"{repo}: model repository not found (fix: pass a folder of model folders)")
+    folders = _model_folders(repo)
+    if not folders:
+        raise ConfigError(f"{repo}: no model folders with a model.py inside")
+    entries = [_entry(i, folder, name, version) for i, (folder, name, version) in enumerate(folders)]
+    keys = [e.key for e in entries]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise ConfigError(f"{repo}: model versions defined twice: {dupes} (fix: give each a distinct version)")
+    return entries
+
+
+def instantiate(entry: ModelEntry) -> Model:
+    """Build the user's Model object for this entry (in whichever process calls it)."""
+    cls = load_model_class(entry.config.path, entry.key)
+    return cls(entry.config.path, entry.config.params, entry.config.weights_path())
