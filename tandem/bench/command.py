@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -22,7 +23,7 @@ DEFAULT_CONCURRENCY = "1,8,32"
 _BODYLESS = ("GET", "HEAD")
 
 
-class Arrival(str, Enum):
+class Arrival(StrEnum):
     """Open-loop inter-arrival schedule."""
 
     fixed = "fixed"
@@ -84,7 +85,8 @@ def bench(
     console = Console()
     results: list[LoadResult] = []
     for mode, load in levels:
-        console.print(f"[dim]{_describe(mode, load)}: {warmup:g}s warm-up + {duration:g}s[/dim]")
+        console.print(f"[dim]{mode} loop {_describe(mode, load)}: "
+                      f"{warmup:g}s warm-up + {duration:g}s[/dim]")
         results.append(run_load_sync(
             url, bodies, content_type=content_type, headers=headers, method=method,
             concurrency=int(load) if mode == "closed" else None,
@@ -161,11 +163,13 @@ def _parse_levels(concurrency: str | None, rate: str | None) -> list[tuple[str, 
 
 
 def _describe(mode: str, load: float) -> str:
-    return f"concurrency {int(load)}" if mode == "closed" else f"{load:g} req/s"
+    return f"c={int(load)}" if mode == "closed" else f"{load:g}/s"
 
 
 def _ms(value: float) -> str:
-    return "-" if math.isnan(value) else f"{value:.1f}"
+    if math.isnan(value):
+        return "-"
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}"
 
 
 def _errors(r: LoadResult) -> str:
@@ -177,13 +181,12 @@ def _errors(r: LoadResult) -> str:
 
 
 def _table(results: list[LoadResult], url: str) -> Table:
-    table = Table(title=f"tandem bench {url}")
-    for name in ("run", "load", "requests", "errors", "QPS", "p50 ms", "p90 ms", "p95 ms",
-                 "p99 ms"):
+    table = Table(title=f"tandem bench {url}  (latency in ms)", box=box.SIMPLE_HEAD)
+    for name in ("run", "load", "requests", "errors", "QPS", "p50", "p90", "p95", "p99"):
         table.add_column(name, justify="left" if name in ("run", "errors") else "right")
     for r in results:
         table.add_row(
-            f"{r.label} ({r.mode})" if r.label else r.mode,
+            f"{r.label}/{r.mode}" if r.label else r.mode,
             _describe(r.mode, r.load), str(r.requests), _errors(r), f"{r.qps:.1f}",
             _ms(r.p50_ms), _ms(r.p90_ms), _ms(r.p95_ms), _ms(r.p99_ms),
         )

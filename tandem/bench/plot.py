@@ -8,6 +8,7 @@ from pathlib import Path
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from tandem.bench.loadgen import LoadResult
 
@@ -83,8 +84,12 @@ def _spans(values: list[float], factor: float) -> bool:
 
 
 def _scale_axes(ax: Axes, results: list[LoadResult]) -> None:
-    if _spans([r.load for r in results], 10):
+    loads = sorted({r.load for r in results if math.isfinite(r.load)})
+    if _spans(loads, 10):
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    if len(loads) <= 12:  # tick exactly the measured levels, in plain numbers
+        ax.set_xticks(loads, [f"{v:g}" for v in loads])
     latencies = [getattr(r, attr) for r in results for attr, _, _ in _PERCENTILES]
     if _spans(latencies, 100):
         ax.set_yscale("log")

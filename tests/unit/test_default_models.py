@@ -285,7 +285,8 @@ def test_image_extreme_aspect_ratio(classifier_module: ModuleType) -> None:
 
 def test_image_classifier_end_to_end(classifier: Model) -> None:
     """Three images in one batch: (B, 1000) logits and a top-5 with softmax scores."""
-    images = [make_image(300, 200, "JPEG", 1), make_image(256, 512, "PNG", 2), make_image(240, 240, "JPEG", 4)]
+    images = [make_image(300, 200, "JPEG", 1), make_image(256, 512, "PNG", 2),
+              make_image(240, 240, "JPEG", 4)]
     requests = [Request(body=d, content_type="application/octet-stream") for d in images]
     batch = collate([classifier.preprocess(r) for r in requests], classifier)
     with torch.inference_mode():

@@ -252,7 +252,7 @@ def test_open_loop_respects_rate(server: str) -> None:
 
 
 def test_open_loop_poisson(server: str) -> None:
-    r = run_load_sync(f"{server}/ok", b"{}", rate=100, duration_s=1.0, warmup_s=0.0,
+    r = run_load_sync(f"{server}/ok", b"{}", rate=200, duration_s=0.5, warmup_s=0.0,
                       arrival="poisson")
     assert r.errors == 0 and 50 <= r.requests <= 160
 
@@ -318,7 +318,7 @@ def test_cli_runs_levels_and_writes_outputs(server: str, tmp_path: Path) -> None
     png, out = tmp_path / "lat.png", tmp_path / "res.json"
     res = CliRunner().invoke(_cli(), [
         "bench", f"{server}/ok", "--data", str(body), "--concurrency", "1,2", "--rate", "20",
-        "--duration", "0.3", "--warmup", "0.1", "--plot", str(png), "--json-out", str(out),
+        "--duration", "0.2", "--warmup", "0.1", "--plot", str(png), "--json-out", str(out),
         "-H", "X-Test: yes",
     ])
     assert res.exit_code == 0, res.output

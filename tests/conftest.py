@@ -1,0 +1,100 @@
+"""Shared fixtures: real `tandem serve` processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE_REPO = ROOT / "tests" / "fixtures" / "repo"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def shm_segments(prefix: str = "tandem-") -> list[str]:
+    return sorted(p.name for p in Path("/dev/shm").glob(prefix + "*"))
+
+
+@dataclass
+class Server:
+    """A running `tandem serve` subprocess."""
+
+    proc: subprocess.Popen[str]
+    url: str
+    log: list[str]
+
+    def client(self, timeout: float = 30.0) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=timeout)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+
+def _drain(proc: subprocess.Popen[str], log: list[str]) -> None:
+    """Keep reading the server's output so a full pipe never blocks it."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        log.append(line)
+
+
+def start_server(repo: Path | None, *args: str, env: dict[str, str] | None = None,
+                 timeout: float = 240.0) -> Server:
+    """Start `tandem serve` and wait for its ready line; fail with its output if it dies."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "tandem.cli", "serve", *( [str(repo)] if repo else []),
+           "--port", str(port), "--log-level", "warning", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})}, start_new_session=True)
+    log: list[str] = []
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    os.set_blocking(proc.stdout.fileno(), False)
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line:
+            log.append(line)
+            if line.startswith("tandem ready on "):
+                os.set_blocking(proc.stdout.fileno(), True)
+                threading.Thread(target=_drain, args=(proc, log), daemon=True).start()
+                return Server(proc, line.split("tandem ready on ", 1)[1].strip(), log)
+            continue
+        if proc.poll() is not None:
+            raise RuntimeError("server exited during start:\n" + "".join(log))
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("server not ready in time:\n" + "".join(log))
+
+
+@pytest.fixture(scope="session")
+def fixture_server() -> Iterator[Server]:
+    """One server on the tiny test repository, shared by non-destructive tests."""
+    server = start_server(FIXTURE_REPO, "--cpu-workers", "2")
+    yield server
+    server.stop()

@@ -1,0 +1,163 @@
+"""Process lifecycle: worker crashes under load, SIGTERM drain, shared-memory clean-up, start errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import FIXTURE_REPO, Server, shm_segments, start_server
+
+
+def _segments_of(server: Server) -> list[str]:
+    return shm_segments(f"tandem-{server.pid}-")
+
+
+def _wait_ready(server: Server, path: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    with server.client() as c:
+        while time.monotonic() < deadline:
+            if c.get(path).status_code == 200:
+                return
+            time.sleep(0.1)
+    raise AssertionError(f"{path} not ready after {timeout} s")
+
+
+def test_kill_9_accelerator_worker_under_load() -> None:
+    server = start_server(FIXTURE_REPO)
+    try:
+        assert _segments_of(server), "arenas should exist while serving"
+        with server.client() as c:
+            victim = c.post("/predictions/slow/2", json={"x": [1]}).json()["worker_pid"]
+        statuses: list[int] = []
+        errors: list[str] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            with server.client() as c:
+                while not stop.is_set():
+                    r = c.post("/predictions/slow/2", json={"x": [1, 2]})
+                    statuses.append(r.status_code)
+                    if r.status_code != 200:
+                        errors.append(r.json()["error"])
+
+        threads = [threading.Thread(target=load) for _ in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        os.kill(victim, signal.SIGKILL)
+        time.sleep(0.5)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        # the requests the dead worker held failed with a clear 5xx; the others kept working
+        assert statuses.count(200) > 10
+        assert any("died while running this request" in e for e in errors), errors
+        assert all(s in (200, 500, 503) for s in statuses), set(statuses)
+        _wait_ready(server, "/v2/models/slow/versions/2/ready")
+        with server.client() as c:
+            after = c.post("/predictions/slow/2", json={"x": [3]})
+            assert after.status_code == 200
+            assert after.json()["worker_pid"] != victim
+            assert c.post("/predictions/echo", json={"x": [1]}).status_code == 200
+            metrics = c.get("/metrics").text
+        assert 'tandem_worker_restarts_total{model="slow:2",role="accel"} 1.0' in metrics
+    finally:
+        code = server.stop()
+    assert code == 0
+    assert _segments_of(server) == []
+
+
+def test_kill_9_front_process_is_restarted() -> None:
+    server = start_server(FIXTURE_REPO, "--cpu-workers", "1")
+    try:
+        with server.client() as c:
+            front = c.post("/predictions/echo", json={"x": [1]}).json()["front_pid"]
+        os.kill(front, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        body = None
+        while time.monotonic() < deadline:
+            try:
+                with server.client() as c:
+                    r = c.post("/predictions/echo", json={"x": [2]})
+                if r.status_code == 200:
+                    body = r.json()
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        assert body is not None and body["front_pid"] != front
+    finally:
+        assert server.stop() == 0
+    assert _segments_of(server) == []
+
+
+def test_sigterm_drains_in_flight_requests() -> None:
+    server = start_server(FIXTURE_REPO)
+    results: list[httpx.Response] = []
+
+    def slow_call() -> None:
+        with server.client() as c:
+            results.append(c.post("/predictions/slow/1", json={"x": [1]}))
+
+    threads = [threading.Thread(target=slow_call) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)  # both requests are in flight (each batch takes 0.5 s)
+    code = server.stop(signal.SIGTERM)
+    for t in threads:
+        t.join(10)
+    assert code == 0
+    assert [r.status_code for r in results] == [200, 200]
+    assert _segments_of(server) == []
+    with pytest.raises(httpx.TransportError):  # no longer accepting
+        httpx.get(server.url + "/v2/health/live", timeout=2)
+
+
+def test_sigint_also_shuts_down_cleanly() -> None:
+    server = start_server(FIXTURE_REPO)
+    assert server.stop(signal.SIGINT) == 0
+    assert _segments_of(server) == []
+
+
+def _serve_fails(repo: Path, *args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "tandem.cli", "serve", str(repo), "--port", "0", *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    return proc.stderr
+
+
+def _copy_echo(tmp_path: Path, yaml_text: str) -> Path:
+    folder = tmp_path / "repo" / "m"
+    folder.mkdir(parents=True)
+    (folder / "model.py").write_text((FIXTURE_REPO / "echo" / "model.py").read_text())
+    (folder / "tandem.yaml").write_text(yaml_text)
+    return tmp_path / "repo"
+
+
+def test_invalid_config_names_file_field_and_fix(tmp_path: Path) -> None:
+    repo = _copy_echo(tmp_path, "batching: {max_batch_size: 0}\nqueue_sise: 3\n")
+    err = " ".join(_serve_fails(repo).split())
+    assert "tandem.yaml" in err
+    assert "batching.max_batch_size" in err and "greater than or equal to 1" in err
+    assert "queue_sise" in err and "check its spelling" in err
+
+
+def test_model_over_memory_limit_fails_at_start(tmp_path: Path) -> None:
+    repo = _copy_echo(tmp_path, "device: cpu\nmemory_limit: 1MiB\n")
+    err = " ".join(_serve_fails(repo).split())
+    assert "memory_limit" in err and "1 MiB" in err
+
+
+def test_broken_model_py_is_reported(tmp_path: Path) -> None:
+    repo = _copy_echo(tmp_path, "device: cpu\n")
+    (repo / "m" / "model.py").write_text("import nonexistent_module_xyz\n")
+    err = _serve_fails(repo)
+    assert "model.py" in err and "nonexistent_module_xyz" in err
