@@ -47,7 +47,7 @@ _Method = Annotated[str, typer.Option(help="HTTP method.")]
 _Header = Annotated[list[str] | None, typer.Option(
     "--header", "-H", help="Extra request header 'Name: value' (repeatable).")]
 _Concurrency = Annotated[str | None, typer.Option(
-    help=f"Closed-loop levels, comma-separated [default: {DEFAULT_CONCURRENCY} unless --rate].")]
+    help=f"Closed-loop levels, comma-separated (default {DEFAULT_CONCURRENCY} without --rate).")]
 _Rate = Annotated[str | None, typer.Option(
     help="Open-loop levels in requests/s, comma-separated, e.g. 50,100.")]
 _Arrival = Annotated[Arrival, typer.Option(help="Open-loop inter-arrival schedule.")]
@@ -55,7 +55,7 @@ _Duration = Annotated[float, typer.Option(min=0.01, help="Measured seconds per l
 _Warmup = Annotated[float, typer.Option(min=0.0, help="Unmeasured warm-up seconds per level.")]
 _Timeout = Annotated[float, typer.Option(min=0.001, help="Per-request timeout in seconds.")]
 _Label = Annotated[str, typer.Option(help="Label for this run in the table, plot and JSON.")]
-_Plot = Annotated[Path | None, typer.Option(help=f"PNG to write [default: ./{DEFAULT_PLOT}].")]
+_Plot = Annotated[Path | None, typer.Option(help=f"PNG to write (default ./{DEFAULT_PLOT}).")]
 _JsonOut = Annotated[Path | None, typer.Option("--json-out", help="Write results as JSON here.")]
 
 
