@@ -17,7 +17,14 @@ import numpy as np
 import zmq
 
 from tandem.model import Model
-from tandem.serving.batcher import Pending, assemble, batch_deadline, pick_batch, split_rows
+from tandem.serving.batcher import (
+    Pending,
+    assemble,
+    batch_deadline,
+    pick_batch,
+    plan_micro_batches,
+    split_rows,
+)
 from tandem.serving.layout import RunLayout
 from tandem.serving.messages import Ready, Result, Task, decoder, encoder
 from tandem.serving.repository import ModelEntry, instantiate
@@ -130,7 +137,8 @@ class _Worker:
         else:
             self.receive(0)  # pick up what arrived during the last predict before choosing
         batch = pick_batch(self.pending, b.max_batch_size, b.length_aware)
-        self.run_batch(batch)
+        for group in plan_micro_batches(batch) if b.length_aware else [batch]:
+            self.run_batch(group)
 
     def run_batch(self, batch: list[Pending]) -> None:
         import torch

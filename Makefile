@@ -1,0 +1,28 @@
+# Two commands do everything on a fresh machine:
+#   make serve   set up .venv and run `tandem serve` on the built-in default models
+#   make test    set up .venv and run the whole test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test bench lint install
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/tandem serve
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check tandem tests benchmarks
+	$(VENV)/bin/mypy tandem/serving tandem/model.py tandem/config.py tandem/errors.py
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/serving.py --markdown bench-out/serving.md --json bench-out/serving.json
