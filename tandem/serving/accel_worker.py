@@ -18,6 +18,7 @@ import zmq
 
 from tandem.model import Model
 from tandem.serving.batcher import (
+    ArrivalTracker,
     Pending,
     assemble,
     batch_deadline,
@@ -79,6 +80,7 @@ class _Worker:
         self.pushes: dict[int, zmq.Socket[Any]] = {}
         self.arenas: dict[int, Arena] = {}
         self.pending: list[Pending] = []
+        self.arrivals = ArrivalTracker()
         self.stop = False
         from tandem.serving.metrics import metrics
 
@@ -110,8 +112,10 @@ class _Worker:
                 self.accept(msg)
 
     def accept(self, task: Task) -> None:
+        self.arrivals.arrived(task)
         arena = self.arena(task.front)
         if arena.owner(task.slot) != task.req_id:
+            self.arrivals.finished(task)
             return  # stale: the request timed out or its front restarted
         try:
             arrays = {m.name: arena.view(task.slot, m) for m in task.inputs}
@@ -121,6 +125,7 @@ class _Worker:
         self.pending.append(Pending(task, time.monotonic(), arrays))
 
     def reply(self, task: Task, result: Result) -> None:
+        self.arrivals.finished(task)
         self.push(task.front).send(encoder.encode(result), copy=False)
 
     def step(self) -> None:
@@ -129,10 +134,11 @@ class _Worker:
         if not self.pending:
             self.receive(100)
             return
-        wait = batch_deadline(self.pending, b.max_batch_size, b.max_batch_delay_ms / 1000) - time.monotonic()
+        delay = b.max_batch_delay_ms / 1000
+        wait = batch_deadline(self.pending, b.max_batch_size, delay, self.arrivals) - time.monotonic()
         if wait > 0:
             self.receive(max(1, int(wait * 1000)))
-            if batch_deadline(self.pending, b.max_batch_size, b.max_batch_delay_ms / 1000) > time.monotonic():
+            if batch_deadline(self.pending, b.max_batch_size, delay, self.arrivals) > time.monotonic():
                 return
         else:
             self.receive(0)  # pick up what arrived during the last predict before choosing
@@ -181,6 +187,7 @@ class _Worker:
     def deliver(self, p: Pending, rows: dict[str, np.ndarray], predict_ms: float, n: int) -> None:
         arena = self.arena(p.task.front)
         if arena.owner(p.task.slot) != p.task.req_id:
+            self.arrivals.finished(p.task)
             return  # the front gave up on this request; never write into a reused slot
         try:
             metas = arena.write(p.task.slot, rows)

@@ -18,7 +18,7 @@ import numpy as np
 from tandem.model import TensorSpec
 from tandem.serving.messages import Task
 
-__all__ = ["CALL_COST_TOKENS", "Pending", "assemble", "batch_deadline", "pick_batch", "plan_micro_batches",
+__all__ = ["CALL_COST_TOKENS", "ArrivalTracker", "Pending", "assemble", "batch_deadline", "pick_batch", "plan_micro_batches",
            "split_rows"]
 
 # What one extra predict() call costs, in padded token-rows (fixed per-call overhead).
@@ -38,9 +38,37 @@ class Pending:
         return self.task.rows
 
 
-def batch_deadline(pending: list[Pending], max_rows: int, delay_s: float) -> float:
-    """Monotonic time at which the next batch must run (now or earlier when it is already full)."""
+class ArrivalTracker:
+    """How many more tasks the fronts have in flight for this replica: never wait for none.
+
+    Each task carries `expect`, its front's count of requests for this replica still unanswered
+    (preprocessing or dispatched, itself included). When every expected task is already pending the
+    batch runs at once instead of sleeping `max_batch_delay_ms`: at concurrency 1 the delay costs
+    nothing, under load batches still fill. A stale count only ever makes the worker wait the
+    normal delay, never longer.
+    """
+
+    def __init__(self) -> None:
+        self.hint: dict[int, int] = {}
+        self.done: dict[int, int] = {}
+
+    def arrived(self, task: Task) -> None:
+        self.hint[task.front] = task.expect
+        self.done[task.front] = 0
+
+    def finished(self, task: Task) -> None:
+        self.done[task.front] = self.done.get(task.front, 0) + 1
+
+    def expected(self) -> int:
+        return sum(max(0, h - self.done.get(f, 0)) for f, h in self.hint.items())
+
+
+def batch_deadline(pending: list[Pending], max_rows: int, delay_s: float,
+                   tracker: ArrivalTracker | None = None) -> float:
+    """Monotonic time at which the next batch must run (0 when it is full or nothing else is coming)."""
     if sum(p.rows for p in pending) >= max_rows:
+        return 0.0
+    if tracker is not None and len(pending) >= tracker.expected():
         return 0.0
     return min(p.arrived for p in pending) + delay_s
 

@@ -46,6 +46,7 @@ class ModelState:
     sockets: list[zmq.asyncio.Socket]
     up: list[bool]
     outstanding: list[int] = field(default_factory=list)
+    preprocessing: int = 0  # requests of this model inside preprocess() right now
 
     def pick_replica(self) -> int:
         live = [i for i, ok in enumerate(self.up) if ok]
@@ -141,7 +142,8 @@ class Dispatcher:
                 metas = state.pool.arena.write(slot, arrays)
             except ValueError as e:
                 raise PayloadTooLarge(f"request for {state.entry.key} is too large: {e}") from None
-            task = Task(req_id, self.front, slot, rows, length, metas, time.monotonic())
+            expect = state.outstanding[replica] + state.preprocessing
+            task = Task(req_id, self.front, slot, rows, length, metas, time.monotonic(), expect)
             await state.sockets[replica].send(encoder.encode(task), copy=False)
             try:
                 result = await asyncio.wait_for(waiter.future, state.entry.config.timeout_s)

@@ -32,6 +32,7 @@ class Task(msgspec.Struct, tag="task", array_like=True):
     length: int  # longest variable dimension, for length-aware batching
     inputs: list[TensorMeta]
     enqueued: float  # time.monotonic() (system-wide on Linux) when the front sent it
+    expect: int = 1  # the front's requests bound for this replica, this one included (see batcher)
 
 
 class Result(msgspec.Struct, tag="result", array_like=True):

@@ -101,7 +101,11 @@ class Front:
         model = self.objects[state.entry.key]
         name = state.entry.config.name
         t0 = time.perf_counter()
-        arrays = model.preprocess(req)
+        state.preprocessing += 1
+        try:
+            arrays = model.preprocess(req)
+        finally:
+            state.preprocessing -= 1
         self.metrics.preprocess_time.labels(name).observe(time.perf_counter() - t0)
         batched, length = self.check_inputs(state, arrays, batched=False)
         outputs = await self.dispatcher.infer(state, batched, 1, length)

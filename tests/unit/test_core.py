@@ -168,3 +168,26 @@ def test_micro_batches_split_only_when_padding_costs_more_than_a_call() -> None:
     brute = min(cost([items[a:b] for a, b in zip((0, *cuts), (*cuts, len(items)))])
                 for k in range(len(items)) for cuts in itertools.combinations(range(1, len(items)), k))
     assert cost(plan_micro_batches(small, call_cost=20)) == brute
+
+
+def test_arrival_tracker_runs_at_once_when_nothing_else_is_coming() -> None:
+    from tandem.serving.batcher import ArrivalTracker
+
+    tracker = ArrivalTracker()
+    first = _pending(1, 1, 5, 10.0)
+    tracker.arrived(first.task)  # expect=1: the front has only this request in flight
+    assert batch_deadline([first], max_rows=8, delay_s=0.005, tracker=tracker) == 0.0
+    tracker.finished(first.task)
+    a = Task(2, 0, 0, 1, 5, [], 0.0, expect=3)  # two more are on their way from front 0
+    tracker.arrived(a)
+    pending = [Pending(a, 11.0, {})]
+    assert batch_deadline(pending, max_rows=8, delay_s=0.005, tracker=tracker) == pytest.approx(11.005)
+    b = Task(3, 0, 1, 1, 5, [], 0.0, expect=3)
+    c = Task(4, 0, 2, 1, 5, [], 0.0, expect=3)
+    for t in (b, c):
+        tracker.arrived(t)
+        pending.append(Pending(t, 11.001, {}))
+    assert batch_deadline(pending, max_rows=8, delay_s=0.005, tracker=tracker) == 0.0
+    other = Task(5, 1, 0, 1, 5, [], 0.0, expect=2)  # a second front adds its own expectation
+    tracker.arrived(other)
+    assert tracker.expected() == 5
