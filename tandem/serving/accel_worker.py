@@ -26,7 +26,7 @@ from tandem.serving.batcher import (
     plan_micro_batches,
     split_rows,
 )
-from tandem.serving.layout import RunLayout
+from tandem.serving.layout import RunLayout, report_ready
 from tandem.serving.messages import Ready, Result, Task, decoder, encoder
 from tandem.serving.repository import ModelEntry, instantiate
 from tandem.serving.shm import Arena
@@ -204,14 +204,6 @@ class _Worker:
             arena.close()
 
 
-def _report(layout: RunLayout, ready: Ready) -> None:
-    ctx: zmq.Context[Any] = zmq.Context.instance()
-    sock = ctx.socket(zmq.PUSH)
-    sock.connect(layout.control_endpoint)
-    sock.send(encoder.encode(ready))
-    sock.close(linger=2000)
-
-
 def run_accel_worker(entry: ModelEntry, replica: int, layout: RunLayout) -> None:
     """Process entry point (started with spawn by the supervisor)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
@@ -221,14 +213,14 @@ def run_accel_worker(entry: ModelEntry, replica: int, layout: RunLayout) -> None
         worker = _Worker(entry, replica, layout, model, device)
     except Exception as e:
         logger.exception("setup failed")
-        _report(layout, Ready("accel", entry.key, replica, os.getpid(), error=f"{type(e).__name__}: {e}"))
+        report_ready(layout, Ready("accel", entry.key, replica, os.getpid(), error=f"{type(e).__name__}: {e}"))
         raise SystemExit(1) from None
 
     def _stop(signum: int, frame: object) -> None:
         worker.stop = True
 
     signal.signal(signal.SIGTERM, _stop)
-    _report(layout, Ready("accel", entry.key, replica, os.getpid(), detail=device))
+    report_ready(layout, Ready("accel", entry.key, replica, os.getpid(), detail=device))
     try:
         while not worker.stop or worker.pending:
             worker.step()

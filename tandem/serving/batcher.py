@@ -18,8 +18,8 @@ import numpy as np
 from tandem.model import TensorSpec
 from tandem.serving.messages import Task
 
-__all__ = ["CALL_COST_TOKENS", "ArrivalTracker", "Pending", "assemble", "batch_deadline", "pick_batch", "plan_micro_batches",
-           "split_rows"]
+__all__ = ["CALL_COST_TOKENS", "ArrivalTracker", "Pending", "assemble", "batch_deadline", "pick_batch",
+           "plan_micro_batches", "split_rows"]
 
 # What one extra predict() call costs, in padded token-rows (fixed per-call overhead).
 CALL_COST_TOKENS = 256

@@ -16,25 +16,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import uvicorn
-import zmq
 
 from tandem.serving.dispatch import Dispatcher
-from tandem.serving.layout import RunLayout
-from tandem.serving.messages import Ready, encoder
+from tandem.serving.layout import RunLayout, report_ready
+from tandem.serving.messages import Ready
 from tandem.serving.proxy import Front, build_app
 from tandem.serving.repository import ModelEntry, instantiate
 
 __all__ = ["run_front"]
 
 logger = logging.getLogger(__name__)
-
-
-def _report(layout: RunLayout, ready: Ready) -> None:
-    ctx: zmq.Context[Any] = zmq.Context.instance()
-    sock = ctx.socket(zmq.PUSH)
-    sock.connect(layout.control_endpoint)
-    sock.send(encoder.encode(ready))
-    sock.close(linger=2000)
 
 
 def run_front(index: int, entries: list[ModelEntry], layout: RunLayout, sock: socket.socket,
@@ -49,7 +40,7 @@ def run_front(index: int, entries: list[ModelEntry], layout: RunLayout, sock: so
             objects[entry.key] = model
     except Exception as e:
         logger.exception("setup_cpu failed")
-        _report(layout, Ready("front", "", index, os.getpid(), error=f"{type(e).__name__}: {e}"))
+        report_ready(layout, Ready("front", "", index, os.getpid(), error=f"{type(e).__name__}: {e}"))
         raise SystemExit(1) from None
 
     front = Front(objects, default_model)
@@ -59,7 +50,7 @@ def run_front(index: int, entries: list[ModelEntry], layout: RunLayout, sock: so
         dispatcher = Dispatcher(entries, layout, index)
         front.attach(dispatcher)
         dispatcher.start()
-        _report(layout, Ready("front", "", index, os.getpid()))
+        report_ready(layout, Ready("front", "", index, os.getpid()))
         yield
         await dispatcher.close()
 

@@ -7,8 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["RunLayout"]
+import zmq
+
+from tandem.serving.messages import Ready, encoder
+
+__all__ = ["RunLayout", "report_ready"]
 
 
 @dataclass(frozen=True)
@@ -43,3 +48,12 @@ class RunLayout:
 
     def arena_path(self, front: int, model_index: int) -> Path:
         return self.shm_dir / self.arena_name(front, model_index)
+
+
+def report_ready(layout: RunLayout, ready: Ready) -> None:
+    """Tell the supervisor that this process finished (or failed) its start-up."""
+    ctx: zmq.Context[Any] = zmq.Context.instance()
+    sock = ctx.socket(zmq.PUSH)
+    sock.connect(layout.control_endpoint)
+    sock.send(encoder.encode(ready))
+    sock.close(linger=2000)
