@@ -98,3 +98,22 @@ def fixture_server() -> Iterator[Server]:
     server = start_server(FIXTURE_REPO, "--cpu-workers", "2")
     yield server
     server.stop()
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """GPU tests run where a CUDA device exists and are skipped elsewhere."""
+    if _has_cuda():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
