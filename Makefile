@@ -21,7 +21,7 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check tandem tests benchmarks
-	$(VENV)/bin/mypy tandem/serving tandem/model.py tandem/config.py tandem/errors.py
+	$(VENV)/bin/mypy tandem
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 bench: $(STAMP)

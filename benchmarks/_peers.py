@@ -15,9 +15,8 @@ Run as a subprocess, one mode at a time:
   unbatch/encode_response (see `_litserve_api.py`).
 
 Every mode serves `POST /predictions/{model}` with the body handed to `preprocess` as Tandem does.
+No `from __future__ import annotations`: FastAPI resolves the handler's annotations at runtime.
 """
-
-from __future__ import annotations
 
 import argparse
 import json

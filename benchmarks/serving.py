@@ -5,7 +5,7 @@ One run, one machine, the same model code (Tandem's default repository) and the 
 
   offline   in-process tight loop: preprocess + assemble + predict + postprocess at the max batch
   baseline  one FastAPI/uvicorn process, sync `def` handler, batch of 1 per request
-  litserve  LitServe with batching (max batch 32 / 16, batch_timeout 5 ms), 1 worker on the CPU
+  litserve  LitServe with batching (Tandem's max batch per model, batch_timeout 5 ms), 1 worker on the CPU
   tandem    `tandem serve` with the default repository and no flags
 
 Servers run one at a time as subprocesses; each is health-checked with a real request whose answer
@@ -14,6 +14,7 @@ Closed-loop load at each concurrency level gives QPS, p50, p99 and errors.
 
     python benchmarks/serving.py --markdown serving.md --json serving.json
     python benchmarks/serving.py --quick            # smoke run, a few seconds per level
+    python benchmarks/serving.py --systems offline --offline-batches 1,4,8,16   # batch-size sweep
 """
 
 from __future__ import annotations
@@ -49,7 +50,16 @@ PEERS = Path(__file__).resolve().with_name("_peers.py")
 HOST = "127.0.0.1"
 SYSTEMS = ("offline", "baseline", "litserve", "tandem")
 MODELS = ("embeddings", "image-classifier")
-MAX_BATCH = {"embeddings": 32, "image-classifier": 16}
+
+
+def _tandem_max_batch() -> dict[str, int]:
+    """Every system runs at the batch size Tandem's default repository declares for the model."""
+    from tandem.serving.repository import default_repository, scan_repository
+
+    return {e.config.name: e.batching.max_batch_size for e in scan_repository(default_repository())}
+
+
+MAX_BATCH = _tandem_max_batch()
 LITSERVE_BATCH_TIMEOUT_S = 0.005
 READY_TIMEOUT_S = 300.0
 REQUEST_TIMEOUT_S = 30.0
@@ -208,11 +218,13 @@ def wait_ready(url: str, case: Case, proc: subprocess.Popen[bytes], log: Path) -
             r = httpx.post(url, content=case.bodies[0], headers=headers, timeout=REQUEST_TIMEOUT_S)
             if r.status_code == 200:
                 return r.json()
-            last = f"HTTP {r.status_code}: {r.text[:200]}"
+            last = f"HTTP {r.status_code}: {r.text[:300]}"
+            if r.status_code in (400, 405, 415, 422):  # a wiring bug: waiting will not fix it
+                break
         except httpx.HTTPError as exc:
             last = f"{type(exc).__name__}: {exc}"
         time.sleep(0.5)
-    raise RuntimeError(f"{url} not ready after {READY_TIMEOUT_S:.0f} s ({last}):\n{tail(log)}")
+    raise RuntimeError(f"{url} not ready ({last}):\n{tail(log)}")
 
 
 def check_response(case: Case, got: Any, reference: Any) -> str:
@@ -312,11 +324,11 @@ def format_metrics(m: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- running
 
 
-def offline_run(case: Case, duration_s: float, warmup_s: float, workdir: Path) -> dict[str, Any]:
+def offline_run(case: Case, batch: int, duration_s: float, warmup_s: float, workdir: Path) -> dict[str, Any]:
     """The offline loop in a fresh process (`_peers.py offline`); duration 0 gives the reference only."""
     bodies = workdir / f"bodies-{case.model}.json"
     bodies.write_text(json.dumps({"bodies": [b.hex() for b in case.bodies], "content_type": case.content_type}))
-    cmd = [sys.executable, str(PEERS), "offline", "--model", case.model, "--batch", str(case.max_batch),
+    cmd = [sys.executable, str(PEERS), "offline", "--model", case.model, "--batch", str(batch),
            "--bodies", str(bodies), "--duration", str(duration_s), "--warmup", str(warmup_s)]
     done = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True,
                           timeout=READY_TIMEOUT_S + warmup_s + duration_s)
@@ -327,8 +339,22 @@ def offline_run(case: Case, duration_s: float, warmup_s: float, workdir: Path) -
 
 def offline_row(case: Case, result: dict[str, Any]) -> Row:
     extra = {k: result[k] for k in ("batch", "batches", "batch_p50_ms", "batch_p99_ms", "torch_threads")}
-    return Row(case.model, "offline", None, result["items_per_s"], None, None, 0, result["batches"] * case.max_batch,
+    return Row(case.model, "offline", None, result["items_per_s"], None, None, 0, result["batches"] * result["batch"],
                extra)
+
+
+def offline_rows(case: Case, args: argparse.Namespace, workdir: Path) -> tuple[list[Row], Any]:
+    """Offline rows (the max batch first, then any extra `--offline-batches`) and the reference output."""
+    if "offline" not in args.systems:
+        return [], offline_run(case, 1, 0, 0, workdir)["reference"]
+    rows, reference = [], None
+    extra = [b for b in dict.fromkeys(args.offline_batches or []) if b != case.max_batch]
+    for batch in [case.max_batch, *extra]:
+        result = offline_run(case, batch, args.duration, args.warmup, workdir)
+        reference = reference if reference is not None else result["reference"]
+        rows.append(offline_row(case, result))
+        print_row(rows[-1])
+    return rows, reference
 
 
 def load_level(url: str, case: Case, concurrency: int, args: argparse.Namespace, system: str) -> Row:
@@ -377,16 +403,10 @@ def model_run(case: Case, args: argparse.Namespace, workdir: Path) -> list[Row]:
     """Every selected system on one model, one after the other."""
     print(f"\n== {case.model}: {len(case.bodies)} bodies ({case.content_type}), max batch {case.max_batch}",
           flush=True)
-    rows: list[Row] = []
-    if "offline" in args.systems:
-        result = offline_run(case, args.duration, args.warmup, workdir)
-        rows.append(offline_row(case, result))
-        print_row(rows[-1])
-    else:
-        result = offline_run(case, 0, 0, workdir)
+    rows, reference = offline_rows(case, args, workdir)
     for system in (s for s in SYSTEMS if s != "offline" and s in args.systems):
         time.sleep(1.0)  # let the previous server's processes leave the CPUs
-        rows += server_run(system, case, args, result["reference"], workdir)
+        rows += server_run(system, case, args, reference, workdir)
     return rows
 
 
@@ -398,7 +418,11 @@ def fmt(value: float | None, digits: int = 1) -> str:
 
 
 def find(rows: list[Row], system: str, concurrency: int | None) -> Row | None:
-    return next((r for r in rows if r.system == system and r.concurrency == concurrency), None)
+    """The row of `system` at `concurrency`; for offline (None) the one at the server's max batch."""
+    def batch_ok(r: Row) -> bool:
+        return r.concurrency is not None or r.extra.get("batch") == MAX_BATCH.get(r.model)
+
+    return next((r for r in rows if r.system == system and r.concurrency == concurrency and batch_ok(r)), None)
 
 
 def _div(a: float | None, b: float | None) -> float | None:
@@ -432,7 +456,7 @@ def ratio_lines(r: dict[str, float | None], lo: int, hi: int) -> list[str]:
     return [
         f"- Tandem / baseline QPS at c={hi}: {fmt(base, 2)}x",
         f"- Tandem / LitServe QPS at c={hi}: {fmt(lit, 2)}x (goal >= 1.2x: {_goal(lit, (lit or 0) >= 1.2)})",
-        f"- Tandem / offline limit at c={hi}: {fmt(None if off is None else off * 100, 0)}% "
+        f"- Tandem at c={hi} / offline loop at the max batch: {fmt(None if off is None else off * 100, 0)}% "
         f"(goal >= 90%: {_goal(off, (off or 0) >= 0.9)})",
         f"- Tandem p99 - baseline p99 at c={lo}: {'-' if diff is None else f'{diff:+.1f}'} ms "
         f"(goal <= +5 ms: {_goal(diff, (diff if diff is not None else 1e9) <= 5.0)})",
@@ -468,11 +492,21 @@ def machine() -> dict[str, Any]:
             "platform": platform.platform()}
 
 
+def git_revision() -> str:
+    """`git describe --always --dirty` of the checkout under test (Tandem's code changes fast)."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def report(all_rows: dict[str, list[Row]], args: argparse.Namespace, meta: dict[str, Any]) -> str:
     lo, hi = min(args.concurrency), max(args.concurrency)
     head = [f"Command: `{meta['command']}`", "",
             f"Machine: {meta['machine']['cpus']} CPUs ({meta['machine']['cpu_model']}), no GPU; "
-            f"date {meta['date']}; duration {args.duration} s + warm-up {args.warmup} s per level.", ""]
+            f"date {meta['date']}; revision {meta['revision']}; "
+            f"duration {args.duration} s + warm-up {args.warmup} s per level.", ""]
     return "\n".join(head + [model_markdown(m, rows, lo, hi) for m, rows in all_rows.items()])
 
 
@@ -495,6 +529,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--systems", type=lambda s: _csv(s, SYSTEMS), default=list(SYSTEMS))
     p.add_argument("--concurrency", type=lambda s: [int(c) for c in s.split(",")], default=[1, 32],
                    help="closed-loop levels, comma-separated")
+    p.add_argument("--offline-batches", type=lambda s: [int(b) for b in s.split(",")], default=None,
+                   help="also measure the offline loop at these batch sizes, e.g. 1,8,16")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 s + 1 s warm-up per level")
     p.add_argument("--markdown", type=Path, help="write the markdown tables here")
     p.add_argument("--json", type=Path, help="write raw results here")
@@ -520,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     meta: dict[str, Any] = {"command": "python " + " ".join([f"benchmarks/{Path(__file__).name}", *sys.argv[1:]]),
             "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "machine": machine(), "versions": versions()}
+            "machine": machine(), "versions": versions(), "revision": git_revision()}
     workdir = Path(tempfile.mkdtemp(prefix="tandem-serving-bench-"))
     print(f"serving benchmark: {meta['machine']['cpus']} CPUs ({meta['machine']['cpu_model']}); "
           f"logs in {workdir}", flush=True)

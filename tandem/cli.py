@@ -29,6 +29,8 @@ def serve(
     default_model: Annotated[str | None, typer.Option(help="Model behind /invocations")] = None,
     drain_timeout: Annotated[float, typer.Option(help="Seconds SIGTERM waits for in-flight requests")] = 30.0,
     log_level: Annotated[str, typer.Option(envvar=TANDEM_LOG_LEVEL)] = "info",
+    front_nice: Annotated[int, typer.Option(
+        help="Niceness added to front processes (favours accelerator workers sharing their CPU cores)")] = 0,
 ) -> None:
     """Serve every model of a model repository over HTTP (KServe v2, TorchServe, SageMaker)."""
     from tandem.serving.repository import default_repository, scan_repository
@@ -37,17 +39,19 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s supervisor %(message)s")
     try:
         server = ServerConfig(host=host, port=port, cpu_workers=cpu_workers, default_model=default_model,
-                              drain_timeout_s=drain_timeout, log_level=log_level)
+                              drain_timeout_s=drain_timeout, log_level=log_level,
+                              front_nice=front_nice)
         entries = scan_repository(repo or default_repository())
         sup = Supervisor(entries, server)
         console.print(f"starting {len(entries)} model(s) with {sup.n_fronts} front process(es)...")
         sup.start()
-    except (ConfigError, RuntimeError) as e:
-        console.print(f"[red]error:[/red] {e}")
+    except (ConfigError, RuntimeError) as err:
+        console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
-    for e in entries:
-        console.print(f"  {e.key}: {e.config.instances} replica(s) on {e.device()}, "
-                      f"batch <= {e.batching.max_batch_size}, delay {e.batching.max_batch_delay_ms} ms")
+    for entry in entries:
+        b = entry.batching
+        console.print(f"  {entry.key}: {entry.config.instances} replica(s) on {entry.device()}, "
+                      f"batch <= {b.max_batch_size}, delay {b.max_batch_delay_ms} ms")
     # Tests and scripts wait for this exact line on stdout.
     print(f"tandem ready on http://{host}:{sup.port}", flush=True)
     sup.run_forever()

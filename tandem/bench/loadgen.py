@@ -234,7 +234,7 @@ class _Conn:
             head = await self._send(request)
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
             self.close()
-            if not reused or getattr(exc, "partial", b""):
+            if not reused or bool(getattr(exc, "partial", b"")):
                 raise
             # The server closed an idle keep-alive connection before reading: retry once.
             await self._connect()

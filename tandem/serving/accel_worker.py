@@ -65,7 +65,26 @@ def _setup_model(entry: ModelEntry) -> tuple[Model, str]:
             raise RuntimeError(f"model {entry.key} uses {used / 2**20:.0f} MiB ({what}) after setup, "
                                f"over its memory_limit of {limit / 2**20:.0f} MiB; raise memory_limit "
                                "or lower instances")
+    if entry.config.warmup:
+        _warm_up(entry, model, device)
     return model, device
+
+
+def _warm_up(entry: ModelEntry, model: Model, device: str) -> None:
+    """Run predict once on dummy inputs (all ones) so the first real requests are not slow."""
+    import torch
+
+    rows = min(4, entry.batching.max_batch_size)
+    try:
+        with torch.inference_mode():
+            for length in (16, 64):
+                batch = {s.name: torch.ones((rows, *(min(length, m) if d == -1 else d
+                                                      for d, m in zip(s.shape, s.max_shape or s.shape))),
+                                            dtype=torch.from_numpy(np.zeros(0, s.np_dtype)).dtype, device=device)
+                         for s in entry.inputs}
+                model.predict(batch)
+    except Exception:  # a model may reject dummy data; warm-up is an optimisation, not a check
+        logger.warning("warm-up predict of %s failed; continuing without it", entry.key, exc_info=True)
 
 
 class _Worker:

@@ -17,6 +17,7 @@ from typing import Any
 
 import uvicorn
 
+from tandem.config import ServerConfig
 from tandem.serving.dispatch import Dispatcher
 from tandem.serving.layout import RunLayout, report_ready
 from tandem.serving.messages import Ready
@@ -29,9 +30,11 @@ logger = logging.getLogger(__name__)
 
 
 def run_front(index: int, entries: list[ModelEntry], layout: RunLayout, sock: socket.socket,
-              default_model: str | None, drain_timeout_s: float, log_level: str) -> None:
+              server: ServerConfig) -> None:
     """Process entry point (started with spawn by the supervisor)."""
-    logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s front[{index}] %(message)s")
+    logging.basicConfig(level=server.log_level.upper(), format=f"%(asctime)s front[{index}] %(message)s")
+    if server.front_nice:
+        os.nice(server.front_nice)
     try:
         objects = {}
         for entry in entries:
@@ -43,7 +46,7 @@ def run_front(index: int, entries: list[ModelEntry], layout: RunLayout, sock: so
         report_ready(layout, Ready("front", "", index, os.getpid(), error=f"{type(e).__name__}: {e}"))
         raise SystemExit(1) from None
 
-    front = Front(objects, default_model)
+    front = Front(objects, server.default_model)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
@@ -56,5 +59,5 @@ def run_front(index: int, entries: list[ModelEntry], layout: RunLayout, sock: so
 
     app = build_app(front, lifespan=lifespan)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=max(1, round(drain_timeout_s)), loop="auto", http="auto")
+                            timeout_graceful_shutdown=max(1, round(server.drain_timeout_s)), loop="auto", http="auto")
     uvicorn.Server(config).run(sockets=[sock])

@@ -156,8 +156,7 @@ class Supervisor:
             from tandem.serving.front import run_front
 
             proc = self.mp.Process(target=run_front, name=f"tandem-front-{index}", args=(
-                index, self.entries, self.layout, self.sock, self.server.default_model,
-                self.server.drain_timeout_s, self.server.log_level))
+                index, self.entries, self.layout, self.sock, self.server))
         proc.start()
         return _Proc(role, index, entry, proc)
 

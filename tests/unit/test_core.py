@@ -152,22 +152,24 @@ def test_micro_batches_split_only_when_padding_costs_more_than_a_call() -> None:
     from tandem.serving.batcher import plan_micro_batches
 
     mixed = [_pending(i, 1, n, float(i)) for i, n in enumerate([60, 10, 12, 58, 11, 59, 9, 61] * 4)]
-    groups = plan_micro_batches(mixed, call_cost=64)
+    groups = plan_micro_batches(mixed, call_cost=64, min_tokens=0)
     assert sum(len(g) for g in groups) == len(mixed)
     assert len(groups) == 2  # short ones and long ones
     assert max(p.task.length for p in groups[0]) <= 12 and min(p.task.length for p in groups[1]) >= 58
     same = [_pending(i, 1, 40, float(i)) for i in range(16)]
     assert len(plan_micro_batches(same, call_cost=64)) == 1
+    tiny = [_pending(i, 1, n, float(i)) for i, n in enumerate([3, 9, 4, 8])]
+    assert len(plan_micro_batches(tiny, call_cost=4, min_tokens=128)) == 1  # below the floor: no split
     fixed = [_pending(i, 1, 0, float(i)) for i in range(5)]
     assert len(plan_micro_batches(fixed)) == 1
     # exhaustive check against brute force on a small case: the DP is optimal
     small = [_pending(i, r, n, 0.0) for i, (r, n) in enumerate([(1, 5), (2, 9), (1, 30), (3, 31), (1, 70)])]
-    cost = lambda gs: sum(sum(p.rows for p in g) * max(p.task.length for p in g) + 20 for g in gs)  # noqa: E731
+    cost = lambda gs: sum(max(sum(p.rows for p in g) * max(p.task.length for p in g), 40) + 20 for g in gs)  # noqa: E731
     import itertools
     items = sorted(small, key=lambda p: p.task.length)
     brute = min(cost([items[a:b] for a, b in zip((0, *cuts), (*cuts, len(items)))])
                 for k in range(len(items)) for cuts in itertools.combinations(range(1, len(items)), k))
-    assert cost(plan_micro_batches(small, call_cost=20)) == brute
+    assert cost(plan_micro_batches(small, call_cost=20, min_tokens=40)) == brute
 
 
 def test_arrival_tracker_runs_at_once_when_nothing_else_is_coming() -> None:

@@ -147,7 +147,7 @@ def build_resnet50(weights: Path | None) -> torch.nn.Module:
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_SEED)
-            model = ResNetForImageClassification(ResNetConfig(num_labels=NUM_CLASSES))
+            model = ResNetForImageClassification(ResNetConfig(num_labels=NUM_CLASSES))  # type: ignore[call-arg]
         if weights is not None:
             from safetensors.torch import load_file
 
