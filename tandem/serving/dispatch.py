@@ -158,7 +158,7 @@ class Dispatcher:
             state.outstanding[replica] -= 1
             state.pool.release(slot)
 
-    def any_ready(self) -> bool:
+    def all_ready(self) -> bool:
         return all(s.ready for s in self.models.values())
 
     def stats(self) -> dict[str, Any]:

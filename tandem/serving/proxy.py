@@ -177,6 +177,8 @@ def _route(front: Front, endpoint: str, fn: Callable[[HTTPRequest], Awaitable[Re
     async def handler(request: HTTPRequest) -> Response:
         t0 = time.perf_counter()
         model = request.path_params.get("model", front.default_model or "")
+        if model not in front.by_name:
+            model = "_unknown"  # never let clients mint metric labels (unbounded memory)
         m.in_flight.labels(model).inc()
         try:
             response = await fn(request)
@@ -225,7 +227,7 @@ class _Handlers:
         return _json({"name": state.entry.config.name, "ready": state.ready}, 200 if state.ready else 503)
 
     async def server_ready(self, r: HTTPRequest) -> Response:
-        ok = self.front.dispatcher.any_ready()
+        ok = self.front.dispatcher.all_ready()
         return _json({"ready": ok}, 200 if ok else 503)
 
     async def live(self, r: HTTPRequest) -> Response:

@@ -139,3 +139,12 @@ def test_metrics_aggregate_all_processes(fixture_server: Server) -> None:
     # predict-side samples come from the accelerator process, request counts from fronts
     assert 'tandem_batch_size_count{model="echo"}' in text
     assert 'tandem_requests_total{endpoint="predictions",model="echo",status="200"}' in text
+
+
+def test_unknown_model_names_do_not_create_metric_labels(fixture_server: Server) -> None:
+    with fixture_server.client() as c:
+        for i in range(3):
+            assert c.post(f"/predictions/made-up-{i}", json={"x": [1]}).status_code == 404
+        text = c.get("/metrics").text
+    assert "made-up" not in text
+    assert 'model="_unknown"' in text
