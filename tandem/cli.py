@@ -34,7 +34,7 @@ def serve(
 ) -> None:
     """Serve every model of a model repository over HTTP (KServe v2, TorchServe, SageMaker)."""
     from tandem.serving.repository import default_repository, scan_repository
-    from tandem.serving.supervisor import Supervisor
+    from tandem.serving.supervisor import StartupInterrupted, Supervisor
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s supervisor %(message)s")
     try:
@@ -45,6 +45,9 @@ def serve(
         sup = Supervisor(entries, server)
         console.print(f"starting {len(entries)} model(s) with {sup.n_fronts} front process(es)...")
         sup.start()
+    except StartupInterrupted:
+        console.print("interrupted during start-up; every process stopped, shared memory released")
+        raise typer.Exit(130) from None
     except (ConfigError, RuntimeError) as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None

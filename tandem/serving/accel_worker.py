@@ -17,6 +17,7 @@ import numpy as np
 import zmq
 
 from tandem.model import Model
+from tandem.serving._proc import die_with_parent
 from tandem.serving.batcher import (
     ArrivalTracker,
     Pending,
@@ -223,9 +224,10 @@ class _Worker:
             arena.close()
 
 
-def run_accel_worker(entry: ModelEntry, replica: int, layout: RunLayout) -> None:
+def run_accel_worker(entry: ModelEntry, replica: int, layout: RunLayout, parent_pid: int) -> None:
     """Process entry point (started with spawn by the supervisor)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
+    die_with_parent(parent_pid)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s accel[{entry.key}#{replica}] %(message)s")
     try:
         model, device = _setup_model(entry)

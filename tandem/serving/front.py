@@ -18,6 +18,7 @@ from typing import Any
 import uvicorn
 
 from tandem.config import ServerConfig
+from tandem.serving._proc import die_with_parent
 from tandem.serving.dispatch import Dispatcher
 from tandem.serving.layout import RunLayout, report_ready
 from tandem.serving.messages import Ready
@@ -30,8 +31,9 @@ logger = logging.getLogger(__name__)
 
 
 def run_front(index: int, entries: list[ModelEntry], layout: RunLayout, sock: socket.socket,
-              server: ServerConfig) -> None:
+              server: ServerConfig, parent_pid: int) -> None:
     """Process entry point (started with spawn by the supervisor)."""
+    die_with_parent(parent_pid)
     logging.basicConfig(level=server.log_level.upper(), format=f"%(asctime)s front[{index}] %(message)s")
     if server.front_nice:
         os.nice(server.front_nice)

@@ -34,7 +34,7 @@ from tandem.serving.messages import Event, Ready, decoder, encoder
 from tandem.serving.repository import ModelEntry
 from tandem.serving.shm import Arena, arena_bytes, check_shm_space
 
-__all__ = ["Supervisor", "default_cpu_workers", "sweep_stale_arenas"]
+__all__ = ["StartupInterrupted", "Supervisor", "default_cpu_workers", "sweep_stale_arenas"]
 
 logger = logging.getLogger(__name__)
 STARTUP_TIMEOUT_S = 600.0
@@ -63,6 +63,10 @@ def sweep_stale_arenas(directory: Path) -> list[Path]:
     return removed
 
 
+class StartupInterrupted(Exception):
+    """SIGTERM or SIGINT arrived before the server was ready."""
+
+
 @dataclass
 class _Proc:
     role: str  # "front" or "accel"
@@ -86,6 +90,7 @@ class Supervisor:
     arenas: list[Arena] = field(default_factory=list)
     port: int = 0
     stopping: bool = False
+    interrupted: bool = False
 
     def __post_init__(self) -> None:
         from tandem.envs import shm_dir
@@ -99,11 +104,22 @@ class Supervisor:
 
     # -- start-up ----------------------------------------------------------------------------------
     def start(self) -> None:
+        """Start every process; a SIGTERM/SIGINT during start-up aborts it and cleans up."""
+        def _abort(signum: int, frame: Any) -> None:
+            if self.interrupted:  # already unwinding: let the clean-up finish
+                return
+            self.interrupted = True
+            raise StartupInterrupted(f"signal {signum} during start-up")
+
+        previous = {sig: signal.signal(sig, _abort) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             self._start()
         except BaseException:
             self.shutdown()
             raise
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _start(self) -> None:
         sweep_stale_arenas(self.layout.shm_dir)
@@ -150,13 +166,13 @@ class Supervisor:
             from tandem.serving.accel_worker import run_accel_worker
 
             assert entry is not None
-            proc = self.mp.Process(target=run_accel_worker, args=(entry, index, self.layout),
+            proc = self.mp.Process(target=run_accel_worker, args=(entry, index, self.layout, os.getpid()),
                                    name=f"tandem-accel-{entry.key}-{index}")
         else:
             from tandem.serving.front import run_front
 
             proc = self.mp.Process(target=run_front, name=f"tandem-front-{index}", args=(
-                index, self.entries, self.layout, self.sock, self.server))
+                index, self.entries, self.layout, self.sock, self.server, os.getpid()))
         proc.start()
         return _Proc(role, index, entry, proc)
 
@@ -197,6 +213,8 @@ class Supervisor:
 
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
+        if self.interrupted:  # a signal arrived while the last start-up step finished
+            self.stopping = True
         try:
             while not self.stopping:
                 self._poll_control(200)

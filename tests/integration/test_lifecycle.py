@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import FIXTURE_REPO, Server, shm_segments, start_server
+from tests.conftest import FIXTURE_REPO, Server, free_port, shm_segments, start_server
 
 
 def _segments_of(server: Server) -> list[str]:
@@ -161,3 +161,62 @@ def test_broken_model_py_is_reported(tmp_path: Path) -> None:
     (repo / "m" / "model.py").write_text("import nonexistent_module_xyz\n")
     err = _serve_fails(repo)
     assert "model.py" in err and "nonexistent_module_xyz" in err
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill(0); it has exited all the same
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _wait_gone(pids: list[int], timeout: float = 30.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    return [p for p in pids if _alive(p)]
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def test_sigterm_during_start_up_leaves_nothing_behind() -> None:
+    port = str(free_port())
+    proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "serve", str(FIXTURE_REPO), "--port", port],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(_children(proc.pid)) < 3:  # workers are starting
+        time.sleep(0.05)
+    kids = _children(proc.pid)
+    assert kids, "workers should be starting"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out
+    assert "interrupted during start-up" in out
+    assert _wait_gone(kids) == []
+    assert shm_segments(f"tandem-{proc.pid}-") == []
+
+
+def test_workers_exit_when_the_supervisor_is_killed() -> None:
+    server = start_server(FIXTURE_REPO, "--cpu-workers", "1")
+    with server.client() as c:
+        body = c.post("/predictions/echo", json={"x": [1]}).json()
+    children = [body["worker_pid"], body["front_pid"]]
+    os.kill(server.pid, signal.SIGKILL)
+    server.proc.wait(10)
+    assert _wait_gone(children) == [], "no process may outlive its supervisor"
+    leaked = shm_segments(f"tandem-{server.pid}-")
+    assert leaked  # kill -9 leaves the arenas; the next server start sweeps them
+    again = start_server(FIXTURE_REPO)
+    try:
+        assert shm_segments(f"tandem-{server.pid}-") == []
+    finally:
+        assert again.stop() == 0
