@@ -1,7 +1,8 @@
 """Model repository: one folder per model with `model.py` (a Model subclass) and `tandem.yaml`.
 
-A folder may also hold version sub-folders (`1/`, `2/`, each with model.py + tandem.yaml); each
-becomes a separate version of the same model name.
+A folder may instead hold version sub-folders (`1/`, `2/`), each with a `tandem.yaml` and
+optionally its own `model.py`; a version without one uses the model folder's `model.py`, so
+versions that differ only in settings or weights share their code.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class ModelEntry:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     max_request_rows: int
+    code: Path  # the folder whose model.py defines the class
 
     @property
     def key(self) -> str:
@@ -90,25 +92,42 @@ class ModelEntry:
         return next((s.name for s in self.inputs if -1 in s.shape), None)
 
 
-def _entry(index: int, folder: Path, name: str, version: str | None) -> ModelEntry:
+def _entry(index: int, folder: Path, code: Path, name: str, version: str | None) -> ModelEntry:
     config = load_model_config(folder, name, version)
-    cls = load_model_class(folder, config.key)
+    cls = load_model_class(code, config.key)
     batching = config.batching or BatchingConfig(
         max_batch_size=cls.max_batch_size, max_batch_delay_ms=cls.max_batch_delay_ms)
     rows = min(batching.max_batch_size, config.max_request_rows)
-    return ModelEntry(index, config, batching, tuple(cls.inputs), tuple(cls.outputs), max(1, rows))
+    return ModelEntry(index, config, batching, tuple(cls.inputs), tuple(cls.outputs), max(1, rows), code)
 
 
-def _model_folders(repo: Path) -> list[tuple[Path, str, str | None]]:
-    """(folder, default name, default version) of every model version in `repo`."""
+_Found = tuple[Path, Path, str, str | None]  # (settings folder, code folder, name, version)
+
+
+def _versions(child: Path) -> list[_Found]:
+    found: list[_Found] = []
+    for v in sorted(p for p in child.iterdir() if p.is_dir()):
+        if not ((v / "model.py").exists() or (v / "tandem.yaml").exists()):
+            continue
+        code = v if (v / "model.py").exists() else child
+        if not (code / "model.py").exists():
+            raise ConfigError(f"{v}: version folder has no model.py and {child} has none to share "
+                              "(fix: add model.py to one of them)")
+        found.append((v, code, child.name, v.name))
+    return found
+
+
+def _model_folders(repo: Path) -> list[_Found]:
+    """Every model version in `repo`: a model folder, or its version sub-folders."""
     if (repo / "model.py").exists():  # a single model folder passed directly
-        return [(repo, repo.name, None)]
-    found: list[tuple[Path, str, str | None]] = []
+        return [(repo, repo, repo.name, None)]
+    found: list[_Found] = []
     for child in sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
-        if (child / "model.py").exists():
-            found.append((child, child.name, None))
-        found.extend((v, child.name, v.name) for v in sorted(child.iterdir())
-                     if v.is_dir() and (v / "model.py").exists())
+        versions = _versions(child)
+        if versions:
+            found.extend(versions)
+        elif (child / "model.py").exists():
+            found.append((child, child, child.name, None))
     return found
 
 
@@ -119,7 +138,7 @@ def scan_repository(repo: Path) -> list[ModelEntry]:
     folders = _model_folders(repo)
     if not folders:
         raise ConfigError(f"{repo}: no model folders with a model.py inside")
-    entries = [_entry(i, folder, name, version) for i, (folder, name, version) in enumerate(folders)]
+    entries = [_entry(i, *found) for i, found in enumerate(folders)]
     keys = [e.key for e in entries]
     dupes = sorted({k for k in keys if keys.count(k) > 1})
     if dupes:
@@ -129,5 +148,5 @@ def scan_repository(repo: Path) -> list[ModelEntry]:
 
 def instantiate(entry: ModelEntry) -> Model:
     """Build the user's Model object for this entry (in whichever process calls it)."""
-    cls = load_model_class(entry.config.path, entry.key)
+    cls = load_model_class(entry.code, entry.key)
     return cls(entry.config.path, entry.config.params, entry.config.weights_path())

@@ -193,3 +193,19 @@ def test_arrival_tracker_runs_at_once_when_nothing_else_is_coming() -> None:
     other = Task(5, 1, 0, 1, 5, [], 0.0, expect=2)  # a second front adds its own expectation
     tracker.arrived(other)
     assert tracker.expected() == 5
+
+
+def test_version_folders_share_the_model_folder_code(tmp_path: Path) -> None:
+    from tandem.serving.repository import scan_repository
+
+    src = Path(__file__).resolve().parents[1] / "fixtures" / "repo" / "echo" / "model.py"
+    model = tmp_path / "repo" / "m"
+    for v in ("1", "2"):
+        (model / v).mkdir(parents=True)
+        (model / v / "tandem.yaml").write_text(f"queue_size: {v}\n")
+    (model / "model.py").write_text(src.read_text())
+    entries = scan_repository(tmp_path / "repo")
+    assert [(e.key, e.config.queue_size, e.code) for e in entries] == [("m:1", 1, model), ("m:2", 2, model)]
+    (model / "model.py").unlink()
+    with pytest.raises(ConfigError, match="no model.py"):
+        scan_repository(tmp_path / "repo")
