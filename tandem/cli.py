@@ -11,7 +11,7 @@ from rich.console import Console
 
 from tandem.bench.command import register as register_bench
 from tandem.config import ServerConfig
-from tandem.envs import TANDEM_CPU_WORKERS, TANDEM_HOST, TANDEM_LOG_LEVEL, TANDEM_PORT
+from tandem.envs import TANDEM_CPU_WORKERS, TANDEM_DRAIN_TIMEOUT_S, TANDEM_HOST, TANDEM_LOG_LEVEL, TANDEM_PORT
 from tandem.errors import ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -27,7 +27,8 @@ def serve(
     cpu_workers: Annotated[int | None, typer.Option(
         envvar=TANDEM_CPU_WORKERS, help="Front (HTTP + pre/post-processing) processes")] = None,
     default_model: Annotated[str | None, typer.Option(help="Model behind /invocations")] = None,
-    drain_timeout: Annotated[float, typer.Option(help="Seconds SIGTERM waits for in-flight requests")] = 30.0,
+    drain_timeout: Annotated[float, typer.Option(
+        envvar=TANDEM_DRAIN_TIMEOUT_S, help="Seconds SIGTERM waits for in-flight requests")] = 30.0,
     log_level: Annotated[str, typer.Option(envvar=TANDEM_LOG_LEVEL)] = "info",
     front_nice: Annotated[int, typer.Option(
         help="Niceness added to front processes (favours accelerator workers sharing their CPU cores)")] = 0,
@@ -53,7 +54,7 @@ def serve(
         raise typer.Exit(2) from None
     for entry in entries:
         b = entry.batching
-        console.print(f"  {entry.key}: {entry.config.instances} replica(s) on {entry.device()}, "
+        console.print(f"  {entry.key}: {entry.config.instances} replica(s) on {', '.join(sup.devices(entry.key))}, "
                       f"batch <= {b.max_batch_size}, delay {b.max_batch_delay_ms} ms")
     # Tests and scripts wait for this exact line on stdout.
     print(f"tandem ready on http://{host}:{sup.port}", flush=True)

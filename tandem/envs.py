@@ -5,16 +5,11 @@ from __future__ import annotations
 import os
 
 __all__ = ["TANDEM_HOST", "TANDEM_PORT", "TANDEM_CPU_WORKERS", "TANDEM_SHM_DIR", "TANDEM_LOG_LEVEL",
-           "TANDEM_DRAIN_TIMEOUT_S", "env_str", "env_int"]
+           "TANDEM_DRAIN_TIMEOUT_S", "env_str", "shm_dir"]
 
 
 def env_str(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name, default)
-
-
-def env_int(name: str, default: int | None = None) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value not in (None, "") else default
 
 
 # Bind address and port of the HTTP server (CLI flags win).

@@ -13,7 +13,6 @@ Pre- and post-processing never run in the accelerator process, so Python's GIL n
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -175,12 +174,3 @@ class Model:
     def postprocess(self, outputs: dict[str, np.ndarray], request: Request) -> Any:
         """Turn one item's outputs (numpy, no batch dim) into a JSON-able response."""
         return {name: value.tolist() for name, value in outputs.items()}
-
-    @classmethod
-    def input_spec(cls, name: str) -> TensorSpec | None:
-        return next((s for s in cls.inputs if s.name == name), None)
-
-
-def replace_spec(spec: TensorSpec, **changes: Any) -> TensorSpec:
-    """A copy of `spec` with fields changed (TensorSpec is frozen)."""
-    return dataclasses.replace(spec, **changes)

@@ -57,6 +57,23 @@ class Server:
         return self.proc.pid
 
 
+def echo_repo(tmp_path: Path, yaml_text: str, name: str = "echo") -> Path:
+    """A one-model repository: the echo fixture model with the given tandem.yaml."""
+    folder = tmp_path / "repo" / name
+    folder.mkdir(parents=True)
+    (folder / "model.py").write_text((FIXTURE_REPO / "echo" / "model.py").read_text())
+    (folder / "tandem.yaml").write_text(yaml_text)
+    return tmp_path / "repo"
+
+
+def serve_fails(repo: Path, *args: str, timeout: float = 300.0) -> str:
+    """Run `tandem serve` expecting a start-up error (exit 2); returns its stderr."""
+    proc = subprocess.run([sys.executable, "-m", "tandem.cli", "serve", str(repo), "--port", "0", *args],
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    return proc.stderr
+
+
 def _drain(proc: subprocess.Popen[str], log: list[str]) -> None:
     """Keep reading the server's output so a full pipe never blocks it."""
     assert proc.stdout is not None

@@ -184,11 +184,10 @@ class _Worker:
             for p in batch:
                 self.reply(p.task, Result(p.task.req_id, [], error=f"predict failed: {type(e).__name__}: {e}"))
             return
-        predict_ms = (time.monotonic() - start) * 1000
-        self.metrics.predict_time.labels(name).observe(predict_ms / 1000)
+        self.metrics.predict_time.labels(name).observe(time.monotonic() - start)
         self.metrics.batch_size.labels(name).observe(sum(p.rows for p in batch))
         for p, rows in zip(batch, split_rows(outputs, [p.rows for p in batch])):
-            self.deliver(p, rows, predict_ms, len(batch))
+            self.deliver(p, rows)
 
     def to_numpy(self, out: Any, rows: int) -> dict[str, np.ndarray]:
         if not isinstance(out, dict):
@@ -204,14 +203,14 @@ class _Worker:
             result[spec.name] = arr.astype(spec.np_dtype, copy=False)
         return result
 
-    def deliver(self, p: Pending, rows: dict[str, np.ndarray], predict_ms: float, n: int) -> None:
+    def deliver(self, p: Pending, rows: dict[str, np.ndarray]) -> None:
         arena = self.arena(p.task.front)
         if arena.owner(p.task.slot) != p.task.req_id:
             self.arrivals.finished(p.task)
             return  # the front gave up on this request; never write into a reused slot
         try:
             metas = arena.write(p.task.slot, rows)
-            result = Result(p.task.req_id, metas, queue_ms=0.0, predict_ms=predict_ms, batch_size=n)
+            result = Result(p.task.req_id, metas)
         except ValueError as e:
             result = Result(p.task.req_id, [], error=f"output does not fit the slot: {e}")
         self.reply(p.task, result)

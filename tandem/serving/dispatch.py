@@ -13,7 +13,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import zmq
@@ -160,6 +159,3 @@ class Dispatcher:
 
     def all_ready(self) -> bool:
         return all(s.ready for s in self.models.values())
-
-    def stats(self) -> dict[str, Any]:
-        return {k: {"in_use": s.pool.in_use, "up": list(s.up)} for k, s in self.models.items()}

@@ -41,9 +41,6 @@ class Result(msgspec.Struct, tag="result", array_like=True):
     req_id: int
     outputs: list[TensorMeta]
     error: str = ""
-    queue_ms: float = 0.0
-    predict_ms: float = 0.0
-    batch_size: int = 0
 
 
 class Event(msgspec.Struct, tag="event", array_like=True):

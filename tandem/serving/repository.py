@@ -88,9 +88,6 @@ class ModelEntry:
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
-    def first_variable_input(self) -> str | None:
-        return next((s.name for s in self.inputs if -1 in s.shape), None)
-
 
 def _entry(index: int, folder: Path, code: Path, name: str, version: str | None) -> ModelEntry:
     config = load_model_config(folder, name, version)

@@ -168,7 +168,3 @@ class SlotPool:
     def release(self, slot: int) -> None:
         self.arena.set_owner(slot, 0)
         self._free.append(slot)
-
-    @property
-    def in_use(self) -> int:
-        return self.arena.n_slots - len(self._free)

@@ -76,6 +76,7 @@ class _Proc:
     restarts: int = 0
     ready: bool = False
     next_start: float = 0.0
+    device: str = ""  # where an accelerator replica runs, as it reported at start
 
 
 @dataclass
@@ -198,9 +199,14 @@ class Supervisor:
         for p in self.procs:
             if p.process.pid == msg.pid:
                 p.ready = not msg.error
+                p.device = msg.detail
                 if p.ready and p.role == "accel" and p.restarts:
                     self._publish(Event("up", msg.model, msg.index))
         return msg
+
+    def devices(self, key: str) -> list[str]:
+        """Devices the replicas of model `key` reported (the supervisor itself never imports torch)."""
+        return [p.device for p in self.procs if p.entry is not None and p.entry.key == key]
 
     def _publish(self, event: Event) -> None:
         self.events.send(encoder.encode(event))

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import FIXTURE_REPO, Server, free_port, shm_segments, start_server
+from tests.conftest import FIXTURE_REPO, Server, echo_repo, free_port, serve_fails, shm_segments, start_server
 
 
 def _segments_of(server: Server) -> list[str]:
@@ -127,39 +127,24 @@ def test_sigint_also_shuts_down_cleanly() -> None:
     assert _segments_of(server) == []
 
 
-def _serve_fails(repo: Path, *args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "tandem.cli", "serve", str(repo), "--port", "0", *args],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    return proc.stderr
-
-
-def _copy_echo(tmp_path: Path, yaml_text: str) -> Path:
-    folder = tmp_path / "repo" / "m"
-    folder.mkdir(parents=True)
-    (folder / "model.py").write_text((FIXTURE_REPO / "echo" / "model.py").read_text())
-    (folder / "tandem.yaml").write_text(yaml_text)
-    return tmp_path / "repo"
-
-
 def test_invalid_config_names_file_field_and_fix(tmp_path: Path) -> None:
-    repo = _copy_echo(tmp_path, "batching: {max_batch_size: 0}\nqueue_sise: 3\n")
-    err = " ".join(_serve_fails(repo).split())
+    repo = echo_repo(tmp_path, "batching: {max_batch_size: 0}\nqueue_sise: 3\n")
+    err = " ".join(serve_fails(repo).split())
     assert "tandem.yaml" in err
     assert "batching.max_batch_size" in err and "greater than or equal to 1" in err
     assert "queue_sise" in err and "check its spelling" in err
 
 
 def test_model_over_memory_limit_fails_at_start(tmp_path: Path) -> None:
-    repo = _copy_echo(tmp_path, "device: cpu\nmemory_limit: 1MiB\n")
-    err = " ".join(_serve_fails(repo).split())
+    repo = echo_repo(tmp_path, "device: cpu\nmemory_limit: 1MiB\n")
+    err = " ".join(serve_fails(repo).split())
     assert "memory_limit" in err and "1 MiB" in err
 
 
 def test_broken_model_py_is_reported(tmp_path: Path) -> None:
-    repo = _copy_echo(tmp_path, "device: cpu\n")
-    (repo / "m" / "model.py").write_text("import nonexistent_module_xyz\n")
-    err = _serve_fails(repo)
+    repo = echo_repo(tmp_path, "device: cpu\n")
+    (repo / "echo" / "model.py").write_text("import nonexistent_module_xyz\n")
+    err = serve_fails(repo)
     assert "model.py" in err and "nonexistent_module_xyz" in err
 
 
