@@ -4,19 +4,55 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
 from tandem.bench.command import register as register_bench
 from tandem.config import ServerConfig
-from tandem.envs import TANDEM_CPU_WORKERS, TANDEM_DRAIN_TIMEOUT_S, TANDEM_HOST, TANDEM_LOG_LEVEL, TANDEM_PORT
+from tandem.envs import (
+    LORA_ADAPTERS,
+    TANDEM_CPU_WORKERS,
+    TANDEM_DRAIN_TIMEOUT_S,
+    TANDEM_HOST,
+    TANDEM_LOG_LEVEL,
+    TANDEM_PORT,
+)
 from tandem.errors import ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Tandem: serve and accelerate AI models on whatever compute this machine has.")
 console = Console(stderr=True)
+
+
+def parse_lora_adapters(spec: str | None) -> dict[str, str]:
+    """'a=path/a,b=path/b' -> {'a': 'path/a', 'b': 'path/b'}; errors say what is wrong."""
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in (spec or "").split(","))):
+        name, sep, path = part.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ConfigError(f"--lora-adapters: {part!r} is not name=path (fix: e.g. --lora-adapters sql=/ads/sql)")
+        out[name.strip()] = path.strip()
+    return out
+
+
+def cli_llm_entry(index: int, folder: Path, adapters: str | None, max_total_tokens: int) -> Any:
+    """A model entry for `--llm PATH --lora-adapters ...` (same as a kind: llm tandem.yaml)."""
+    from pydantic import ValidationError
+
+    from tandem.config import LLMConfig, ModelConfig
+    from tandem.serving.repository import llm_entry
+
+    folder = folder.resolve()
+    name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in folder.name).lstrip("-_.") or "llm"
+    try:
+        config = ModelConfig(name=name, kind="llm", path=folder, llm=LLMConfig(
+            path=".", adapters={k: str(Path(v).resolve()) for k, v in parse_lora_adapters(adapters).items()},
+            max_total_tokens=max_total_tokens))
+    except ValidationError as e:
+        raise ConfigError(f"--llm {folder}: {e}") from None
+    return llm_entry(index, config)
 
 
 @app.command()
@@ -32,8 +68,13 @@ def serve(
     log_level: Annotated[str, typer.Option(envvar=TANDEM_LOG_LEVEL)] = "info",
     front_nice: Annotated[int, typer.Option(
         help="Niceness added to front processes (favours accelerator workers sharing their CPU cores)")] = 0,
+    llm: Annotated[Path | None, typer.Option(
+        help="Serve this Hugging Face Llama/Mistral/Qwen2 folder (TGI + OpenAI APIs); alone or with REPO")] = None,
+    lora_adapters: Annotated[str | None, typer.Option(
+        envvar=LORA_ADAPTERS, help="Adapters of --llm loaded at start: name=path,name=path (PEFT folders)")] = None,
+    max_total_tokens: Annotated[int, typer.Option(help="--llm: prompt + generated tokens per request")] = 512,
 ) -> None:
-    """Serve every model of a model repository over HTTP (KServe v2, TorchServe, SageMaker)."""
+    """Serve a model repository (KServe v2, TorchServe, SageMaker) and/or an LLM (TGI, OpenAI) over HTTP."""
     from tandem.serving.repository import default_repository, scan_repository
     from tandem.serving.supervisor import StartupInterrupted, Supervisor
 
@@ -42,7 +83,9 @@ def serve(
         server = ServerConfig(host=host, port=port, cpu_workers=cpu_workers, default_model=default_model,
                               drain_timeout_s=drain_timeout, log_level=log_level,
                               front_nice=front_nice)
-        entries = scan_repository(repo or default_repository())
+        entries = scan_repository(repo or default_repository()) if repo or not llm else []
+        if llm is not None:
+            entries.append(cli_llm_entry(len(entries), llm, lora_adapters, max_total_tokens))
         sup = Supervisor(entries, server)
         console.print(f"starting {len(entries)} model(s) with {sup.n_fronts} front process(es)...")
         sup.start()

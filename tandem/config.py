@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tandem.errors import ConfigError
 
-__all__ = ["BatchingConfig", "ModelConfig", "ServerConfig", "load_model_config", "parse_bytes"]
+__all__ = ["BatchingConfig", "LLMConfig", "ModelConfig", "ServerConfig", "load_model_config", "parse_bytes"]
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "kib": 1024, "mib": 1024**2, "gib": 1024**3}
@@ -51,6 +51,38 @@ class BatchingConfig(_Strict):
     length_aware: bool = True
 
 
+class LLMConfig(_Strict):
+    """An LLM entry (`kind: llm`): a Hugging Face Llama/Mistral/Qwen2 folder plus PEFT LoRA adapters.
+
+    Paths are relative to the entry's folder. Memory is accounted in bytes: the KV cache takes
+    max_batch_size * max_total_tokens * (2 * layers * kv_heads * head_dim * dtype size), and the
+    adapter bank max_loras * max_lora_rank * (in + out) per targeted projection; both are logged.
+    """
+
+    path: str
+    adapters: dict[str, str] = Field(default_factory=dict)  # name -> folder, loaded at start
+    # Folders that runtime loads (POST /v1/load_lora_adapter) may read from. Default: the parent
+    # folders of the start-up adapters.
+    adapter_dirs: list[str] = Field(default_factory=list)
+    max_loras: int = Field(default=8, ge=1, le=1024)  # device slots of stacked A/B buffers
+    max_cpu_loras: int = Field(default=32, ge=1, le=65536)  # adapters kept in host memory (LRU)
+    max_lora_rank: int = Field(default=16, ge=1, le=1024)
+    # How a mixed batch applies its adapters, always one pass (see tandem/llm/lora.py): "slots" (each
+    # KV slot keeps a copy of its adapter, made at join), "gathered" (weights gathered per step) or
+    # "grouped" (rows sorted by adapter, grouped GEMM). benchmarks/lora.py compares them.
+    lora_form: Literal["slots", "gathered", "grouped"] = "slots"
+    max_batch_size: int = Field(default=32, ge=1, le=4096)  # sequences decoded together (KV slots)
+    max_total_tokens: int = Field(default=512, ge=2)  # prompt + generated tokens per sequence
+    max_prefill_tokens: int = Field(default=4096, ge=1)
+    max_waiting: int = Field(default=256, ge=1)  # queued requests beyond the running ones; 503 past it
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16 on CUDA
+    default_max_new_tokens: int = Field(default=64, ge=1)
+
+    def resolve(self, base: Path, value: str) -> Path:
+        p = Path(value).expanduser()
+        return (p if p.is_absolute() else base / p).resolve()
+
+
 class ModelConfig(_Strict):
     """Settings of one model (a folder of the model repository with `model.py` + `tandem.yaml`)."""
 
@@ -69,6 +101,8 @@ class ModelConfig(_Strict):
     weights: str | None = None
     warmup: bool = True  # one dummy predict per replica at start (first requests are not slow)
     params: dict[str, Any] = Field(default_factory=dict)
+    kind: Literal["model", "llm"] = "model"  # "llm": no model.py; the `llm` section says what to serve
+    llm: LLMConfig | None = None
     path: Path = Path(".")
 
     @field_validator("device")
@@ -89,6 +123,12 @@ class ModelConfig(_Strict):
         if isinstance(v, int) and v < 1:
             raise ValueError("must be >= 1 or 'auto'")
         return v
+
+    @model_validator(mode="after")
+    def _llm_section(self) -> ModelConfig:
+        if (self.kind == "llm") != (self.llm is not None):
+            raise ValueError("kind: llm needs an `llm:` section (and only kind: llm may have one)")
+        return self
 
     @property
     def key(self) -> str:

@@ -5,6 +5,8 @@
     │   ├── InvalidInput          400  malformed body, wrong shape or dtype, undecodable image
     │   ├── ModelNotFound         404  unknown model or version
     │   ├── PayloadTooLarge       413  body over the configured limit
+    │   ├── Conflict              409  the operation clashes with the current state
+    │   ├── TooManyTokens         422  prompt + max_new_tokens over the model's limit
     │   └── Overloaded            503  bounded queue full (backpressure)
     ├── ServerError (5xx)
     │   ├── WorkerDied            500  the accelerator worker holding the request died
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 __all__ = [
     "ClientError", "ConfigError", "InferenceFailed", "InvalidInput", "ModelNotFound", "Overloaded",
-    "PayloadTooLarge", "RequestTimeout", "ServerError", "TandemError", "WorkerDied",
+    "PayloadTooLarge", "RequestTimeout", "Conflict", "TooManyTokens", "ServerError", "TandemError", "WorkerDied",
 ]
 
 
@@ -41,6 +43,14 @@ class ModelNotFound(ClientError):
 
 class PayloadTooLarge(ClientError):
     status = 413
+
+
+class Conflict(ClientError):
+    status = 409
+
+
+class TooManyTokens(ClientError):
+    status = 422
 
 
 class Overloaded(ClientError):

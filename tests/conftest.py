@@ -66,9 +66,10 @@ def echo_repo(tmp_path: Path, yaml_text: str, name: str = "echo") -> Path:
     return tmp_path / "repo"
 
 
-def serve_fails(repo: Path, *args: str, timeout: float = 300.0) -> str:
+def serve_fails(repo: Path | None, *args: str, timeout: float = 300.0) -> str:
     """Run `tandem serve` expecting a start-up error (exit 2); returns its stderr."""
-    proc = subprocess.run([sys.executable, "-m", "tandem.cli", "serve", str(repo), "--port", "0", *args],
+    where = [str(repo)] if repo else []
+    proc = subprocess.run([sys.executable, "-m", "tandem.cli", "serve", *where, "--port", "0", *args],
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     return proc.stderr
@@ -113,6 +114,19 @@ def start_server(repo: Path | None, *args: str, env: dict[str, str] | None = Non
 def fixture_server() -> Iterator[Server]:
     """One server on the tiny test repository, shared by non-destructive tests."""
     server = start_server(FIXTURE_REPO, "--cpu-workers", "2")
+    yield server
+    server.stop()
+
+
+TINY_LLM = ROOT / "tandem" / "default_repo" / "tiny-llm"
+
+
+@pytest.fixture(scope="session")
+def llm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server on the built-in tiny-llm entry alone (base model 'tiny-llm' + 4 adapters)."""
+    repo = tmp_path_factory.mktemp("llm-repo")
+    (repo / "tiny-llm").symlink_to(TINY_LLM, target_is_directory=True)
+    server = start_server(repo, "--cpu-workers", "2")
     yield server
     server.stop()
 

@@ -27,7 +27,7 @@ from tandem.serving.batcher import (
     plan_micro_batches,
     split_rows,
 )
-from tandem.serving.layout import RunLayout, report_ready
+from tandem.serving.layout import RunLayout, report_ready, setup_or_report
 from tandem.serving.messages import Ready, Result, Task, decoder, encoder
 from tandem.serving.repository import ModelEntry, instantiate
 from tandem.serving.shm import Arena
@@ -228,13 +228,11 @@ def run_accel_worker(entry: ModelEntry, replica: int, layout: RunLayout, parent_
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
     die_with_parent(parent_pid)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s accel[{entry.key}#{replica}] %(message)s")
-    try:
+    def build() -> tuple[_Worker, str]:
         model, device = _setup_model(entry)
-        worker = _Worker(entry, replica, layout, model, device)
-    except Exception as e:
-        logger.exception("setup failed")
-        report_ready(layout, Ready("accel", entry.key, replica, os.getpid(), error=f"{type(e).__name__}: {e}"))
-        raise SystemExit(1) from None
+        return _Worker(entry, replica, layout, model, device), device
+
+    worker, device = setup_or_report(layout, entry.key, replica, build)
 
     def _stop(signum: int, frame: object) -> None:
         worker.stop = True

@@ -19,8 +19,9 @@ import zmq
 import zmq.asyncio
 
 from tandem.errors import InferenceFailed, Overloaded, PayloadTooLarge, RequestTimeout, WorkerDied
+from tandem.llm.client import LLMClient
 from tandem.serving.layout import RunLayout
-from tandem.serving.messages import Event, Result, Task, decoder, encoder
+from tandem.serving.messages import AdapterReply, Event, Result, Task, Tokens, decoder, encoder
 from tandem.serving.repository import ModelEntry
 from tandem.serving.shm import Arena, SlotPool
 
@@ -67,7 +68,11 @@ class Dispatcher:
         self.models: dict[str, ModelState] = {}
         self.waiting: dict[int, _Waiter] = {}
         self._ids = itertools.count((os.getpid() & 0xFFFFFF) << 32 | 1)
+        self.llms: dict[str, LLMClient] = {}
         for entry in entries:
+            if entry.is_llm:
+                self.llms[entry.key] = LLMClient(entry, self.ctx, layout, front)
+                continue
             arena = Arena.attach(layout.arena_path(front, entry.index))
             for slot in range(arena.n_slots):  # a restarted front starts with every slot free
                 arena.set_owner(slot, 0)
@@ -103,12 +108,19 @@ class Dispatcher:
                 waiter = self.waiting.get(msg.req_id)
                 if waiter is not None and not waiter.future.done():
                     waiter.future.set_result(msg)
+            elif isinstance(msg, Tokens) and msg.model in self.llms:
+                self.llms[msg.model].on_tokens(msg)
+            elif isinstance(msg, AdapterReply) and msg.model in self.llms:
+                self.llms[msg.model].on_reply(msg)
 
     async def _read_events(self) -> None:
         while True:
             msg = decoder.decode(await self.events.recv())
             if isinstance(msg, Event) and msg.model in self.models:
                 self._on_event(msg)
+            elif isinstance(msg, Event) and msg.model in self.llms:
+                llm = self.llms[msg.model]
+                llm.replica_up(msg.replica) if msg.kind == "up" else llm.replica_down(msg.replica)
 
     def _on_event(self, event: Event) -> None:
         state = self.models[event.model]
@@ -158,4 +170,4 @@ class Dispatcher:
             state.pool.release(slot)
 
     def all_ready(self) -> bool:
-        return all(s.ready for s in self.models.values())
+        return all(s.ready for s in self.models.values()) and all(any(c.up) for c in self.llms.values())

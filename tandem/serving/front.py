@@ -40,6 +40,8 @@ def run_front(index: int, entries: list[ModelEntry], layout: RunLayout, sock: so
     try:
         objects = {}
         for entry in entries:
+            if entry.is_llm:  # its tokenizer loads with the dispatcher's LLMClient
+                continue
             model = instantiate(entry)
             model.setup_cpu()
             objects[entry.key] = model

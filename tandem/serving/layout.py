@@ -5,15 +5,21 @@ Every process computes the same names from the same `RunLayout`, so no addresses
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
 
 from tandem.serving.messages import Ready, encoder
 
-__all__ = ["RunLayout", "report_ready"]
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
+
+__all__ = ["RunLayout", "report_ready", "setup_or_report"]
 
 
 @dataclass(frozen=True)
@@ -57,3 +63,13 @@ def report_ready(layout: RunLayout, ready: Ready) -> None:
     sock.connect(layout.control_endpoint)
     sock.send(encoder.encode(ready))
     sock.close(linger=2000)
+
+
+def setup_or_report(layout: RunLayout, model: str, replica: int, build: Callable[[], T]) -> T:
+    """Run a worker's set-up; on failure tell the supervisor why (it stops the start) and exit."""
+    try:
+        return build()
+    except Exception as e:
+        logger.exception("worker set-up failed")
+        report_ready(layout, Ready("accel", model, replica, os.getpid(), error=f"{type(e).__name__}: {e}"))
+        raise SystemExit(1) from None

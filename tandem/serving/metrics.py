@@ -29,6 +29,12 @@ class Metrics:
     batch_size: Any
     in_flight: Any
     restarts: Any
+    llm_running: Any
+    llm_waiting: Any
+    llm_tokens: Any
+    llm_step_time: Any
+    llm_cancelled: Any
+    llm_ttft: Any
 
 
 @cache
@@ -48,6 +54,13 @@ def metrics() -> Metrics:
         batch_size=Histogram("tandem_batch_size", "Rows per predict() call", m, buckets=_BATCH),
         in_flight=Gauge("tandem_in_flight", "Requests being handled", m, multiprocess_mode="livesum"),
         restarts=Counter("tandem_worker_restarts", "Worker processes restarted", ["role", "model"]),
+        llm_running=Gauge("tandem_llm_running", "Sequences in the KV cache", m, multiprocess_mode="livesum"),
+        llm_waiting=Gauge("tandem_llm_waiting", "Requests queued for a KV slot", m, multiprocess_mode="livesum"),
+        llm_tokens=Counter("tandem_llm_tokens", "Tokens processed", ["model", "phase"]),
+        llm_step_time=Histogram("tandem_llm_step_seconds", "Engine step time", ["model", "phase"], buckets=_LAT),
+        llm_cancelled=Counter("tandem_llm_cancelled", "Requests cancelled (client gone or stop sequence)", m),
+        llm_ttft=Histogram("tandem_llm_time_to_first_token_seconds", "From request to first token", m,
+                           buckets=_LAT),
     )
 
 

@@ -6,6 +6,9 @@ Endpoints (every error is JSON `{"error": ...}` with the status of its `TandemEr
                                            [/ready | /infer]  (JSON and Triton binary tensors)
     TorchServe / DJL                       POST /predictions/{m}[/{v}]   body goes to preprocess as is
     SageMaker hosting                      GET /ping, POST /invocations  (the default model)
+    TGI (LLM entries)                      POST /generate, /generate_stream, /; GET /info, /health
+    OpenAI (LLM entries)                   POST /v1/completions, /v1/chat/completions,
+                                           /v1/load_lora_adapter, /v1/unload_lora_adapter; GET /v1/models
     Prometheus                             GET /metrics
 """
 
@@ -29,6 +32,9 @@ from tandem.model import Model, Request
 from tandem.serving.dispatch import Dispatcher, ModelState
 from tandem.serving.metrics import metrics, render
 from tandem.serving.protocols import v2
+from tandem.serving.protocols.llm_common import LLMDirectory, error_kind, openai_error, tgi_error
+from tandem.serving.protocols.openai import openai_routes
+from tandem.serving.protocols.tgi import tgi_routes
 
 __all__ = ["Front", "build_app"]
 
@@ -56,6 +62,7 @@ class Front:
         self.objects = models  # key -> user Model (setup_cpu done)
         self.default_model = default_model
         self.by_name: dict[str, dict[str, ModelState]] = {}
+        self.llms = LLMDirectory()
         self.metrics = metrics()
 
     def attach(self, dispatcher: Dispatcher) -> None:
@@ -64,6 +71,7 @@ class Front:
         for state in dispatcher.models.values():
             self.by_name.setdefault(state.entry.config.name, {})[state.entry.config.version] = state
         self.default_model = self.default_model or next(iter(self.by_name), None)
+        self.llms.set_clients(list(dispatcher.llms.values()))
 
     def lookup(self, name: str, version: str | None) -> ModelState:
         versions = self.by_name.get(name)
@@ -174,16 +182,22 @@ def _route(front: Front, endpoint: str, fn: Callable[[HTTPRequest], Awaitable[Re
     """Wrap a handler: map TandemErrors to JSON statuses, record metrics and in-flight."""
     m = front.metrics
 
+    llm_api = endpoint.startswith(("tgi_", "openai_"))
+    shape = openai_error if endpoint.startswith("openai_") else tgi_error
+
     async def handler(request: HTTPRequest) -> Response:
         t0 = time.perf_counter()
-        model = request.path_params.get("model", front.default_model or "")
-        if model not in front.by_name:
-            model = "_unknown"  # never let clients mint metric labels (unbounded memory)
+        if llm_api:
+            model = front.llms.clients[0].name if front.llms.clients else "_unknown"
+        else:
+            model = request.path_params.get("model", front.default_model or "")
+            if model not in front.by_name:
+                model = "_unknown"  # never let clients mint metric labels (unbounded memory)
         m.in_flight.labels(model).inc()
         try:
             response = await fn(request)
         except TandemError as e:
-            response = _error(e.status, str(e))
+            response = _json(shape(e.status, str(e), error_kind(e)), e.status) if llm_api else _error(e.status, str(e))
         except Exception as e:  # one boundary per process: log and answer 500, keep serving
             logger.exception("unhandled error on %s", request.url.path)
             response = _error(500, f"{type(e).__name__}: {e}")
@@ -268,6 +282,7 @@ def build_app(front: Front, lifespan: Any = None) -> Starlette:
         ("/ping", h.server_ready, "GET", "ping"),
         ("/invocations", h.invocations, "POST", "invocations"),
     ]
+    table += tgi_routes(front.llms) + openai_routes(front.llms)
     routes = [Route(path, _route(front, name, fn), methods=[method]) for path, fn, method, name in table]
     routes.append(Route("/metrics", h.metrics, methods=["GET"]))
     app = Starlette(routes=routes, lifespan=lifespan)

@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from tandem.config import BatchingConfig, ModelConfig, available_cpus, load_model_config
 from tandem.errors import ConfigError
 from tandem.model import Model, TensorSpec
@@ -67,11 +69,17 @@ class ModelEntry:
         return self.config.key
 
     @property
+    def is_llm(self) -> bool:
+        return self.config.kind == "llm"
+
+    @property
     def item_bytes(self) -> int:
         return max(sum(s.max_bytes for s in self.inputs), sum(s.max_bytes for s in self.outputs))
 
     @property
     def slot_payload(self) -> int:
+        if self.is_llm:  # token ids travel in messages: no arena
+            return 0
         # Each tensor is 64-byte aligned inside a slot.
         n = len(self.inputs) + len(self.outputs)
         return self.item_bytes * self.max_request_rows + 64 * n
@@ -91,11 +99,35 @@ class ModelEntry:
 
 def _entry(index: int, folder: Path, code: Path, name: str, version: str | None) -> ModelEntry:
     config = load_model_config(folder, name, version)
+    if config.kind == "llm":
+        return llm_entry(index, config)
     cls = load_model_class(code, config.key)
     batching = config.batching or BatchingConfig(
         max_batch_size=cls.max_batch_size, max_batch_delay_ms=cls.max_batch_delay_ms)
     rows = min(batching.max_batch_size, config.max_request_rows)
     return ModelEntry(index, config, batching, tuple(cls.inputs), tuple(cls.outputs), max(1, rows), code)
+
+
+def llm_entry(index: int, config: ModelConfig) -> ModelEntry:
+    """An LLM entry: no model.py, no tensor signature; its worker streams tokens."""
+    assert config.llm is not None
+    model_dir = config.llm.resolve(config.path, config.llm.path)
+    if not (model_dir / "config.json").exists():
+        raise ConfigError(f"{config.path / 'tandem.yaml'}: llm.path {config.llm.path!r} -> {model_dir} has no "
+                          "config.json (fix: point it at a Hugging Face model folder)")
+    return ModelEntry(index, config, BatchingConfig(max_batch_size=config.llm.max_batch_size), (), (), 1,
+                      config.path)
+
+
+def _is_llm_folder(folder: Path) -> bool:
+    path = folder / "tandem.yaml"
+    if (folder / "model.py").exists() or not path.exists():
+        return False
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return False
+    return isinstance(raw, dict) and raw.get("kind") == "llm"
 
 
 _Found = tuple[Path, Path, str, str | None]  # (settings folder, code folder, name, version)
@@ -123,7 +155,7 @@ def _model_folders(repo: Path) -> list[_Found]:
         versions = _versions(child)
         if versions:
             found.extend(versions)
-        elif (child / "model.py").exists():
+        elif (child / "model.py").exists() or _is_llm_folder(child):
             found.append((child, child, child.name, None))
     return found
 

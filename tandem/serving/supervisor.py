@@ -141,10 +141,11 @@ class Supervisor:
         self._await_ready("front")
 
     def _create_arenas(self) -> None:
-        need = sum(arena_bytes(e.config.queue_size, e.slot_payload) for e in self.entries) * self.n_fronts
+        tensor_entries = [e for e in self.entries if not e.is_llm]  # LLM tokens travel in messages
+        need = sum(arena_bytes(e.config.queue_size, e.slot_payload) for e in tensor_entries) * self.n_fronts
         check_shm_space(need, str(self.layout.shm_dir))
         for front in range(self.n_fronts):
-            for e in self.entries:
+            for e in tensor_entries:
                 self.arenas.append(Arena.create(self.layout.arena_name(front, e.index), e.config.queue_size,
                                                 e.slot_payload, str(self.layout.shm_dir)))
 
@@ -164,10 +165,12 @@ class Supervisor:
 
     def _spawn(self, role: str, index: int, entry: ModelEntry | None) -> _Proc:
         if role == "accel":
+            from tandem.llm.worker import run_llm_worker
             from tandem.serving.accel_worker import run_accel_worker
 
             assert entry is not None
-            proc = self.mp.Process(target=run_accel_worker, args=(entry, index, self.layout, os.getpid()),
+            target = run_llm_worker if entry.is_llm else run_accel_worker
+            proc = self.mp.Process(target=target, args=(entry, index, self.layout, os.getpid()),
                                    name=f"tandem-accel-{entry.key}-{index}")
         else:
             from tandem.serving.front import run_front

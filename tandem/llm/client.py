@@ -1,0 +1,236 @@
+"""Front side of an LLM entry: tokenizer, replica sockets, and one `Generation` per request.
+
+    LLMClient.start(prompt ids, params, adapter)  ──Generate──▶ LLM worker
+    Generation.events()  ◀── Tokens (routed here by the front's Dispatcher) ── detokenize, stop sequences
+
+`start` returns only after the first token (or an error) arrived, so errors such as an unknown
+adapter become proper 4xx responses before any streaming starts. A generation closed early
+(client gone, stop sequence) sends `Cancel`, which frees its KV slot at the worker's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import zmq
+import zmq.asyncio
+
+from tandem.errors import (
+    InvalidInput,
+    ModelNotFound,
+    Overloaded,
+    RequestTimeout,
+    TandemError,
+    TooManyTokens,
+    WorkerDied,
+)
+from tandem.llm.params import SamplingParams
+from tandem.llm.text import Detokenizer, StopMatcher, load_tokenizer
+from tandem.serving.layout import RunLayout
+from tandem.serving.messages import AdapterOp, AdapterReply, Cancel, Generate, TokenItem, Tokens, encoder
+from tandem.serving.metrics import metrics
+from tandem.serving.repository import ModelEntry
+
+__all__ = ["GenEvent", "Generation", "LLMClient"]
+
+_ERRORS: dict[str, type[TandemError]] = {"not_found": ModelNotFound, "invalid": TooManyTokens,
+                                         "overloaded": Overloaded, "died": WorkerDied}
+
+
+@dataclass(frozen=True)
+class GenEvent:
+    """One generated token as the APIs report it. `text` is what this token adds after stop handling."""
+
+    token: int
+    text: str
+    logprob: float
+    special: bool
+    finish: str | None  # None | "length" | "eos_token" | "stop_sequence"
+
+
+@dataclass
+class Generation:
+    """One running request: iterate `events()`, then `close()` (idempotent)."""
+
+    client: LLMClient
+    req_id: int
+    replica: int
+    prompt: list[int]
+    stops: StopMatcher
+    include_stop: bool
+    queue: asyncio.Queue[TokenItem] = field(default_factory=asyncio.Queue)
+    first: TokenItem | None = None
+    done: bool = False
+    generated: int = 0
+
+    async def _next(self) -> TokenItem:
+        if self.first is not None:
+            item, self.first = self.first, None
+            return item
+        try:
+            return await asyncio.wait_for(self.queue.get(), self.client.timeout_s)
+        except TimeoutError:
+            raise RequestTimeout(f"no token from {self.client.key} within {self.client.timeout_s} s") from None
+
+    async def events(self) -> AsyncIterator[GenEvent]:
+        detok = Detokenizer(self.client.tokenizer, self.prompt)
+        special = set(self.client.tokenizer.all_special_ids)
+        while not self.done:
+            item = await self._next()
+            if item.error:
+                self.done = True
+                raise _ERRORS.get(item.error_kind, WorkerDied)(item.error)
+            self.generated += 1
+            text, stop = self.stops.feed(detok.push(item.token))
+            finish: str | None = item.finish or None
+            if stop is not None:
+                text, finish = text + (stop if self.include_stop else ""), "stop_sequence"
+            elif finish:
+                text += self.stops.flush()
+            self.done = finish is not None
+            yield GenEvent(item.token, text, item.logprob, item.token in special, finish)
+
+    async def close(self) -> None:
+        self.client.forget(self)
+        if not self.done:
+            self.done = True
+            await self.client.sockets[self.replica].send(encoder.encode(Cancel(self.req_id)))
+
+
+class LLMClient:
+    """Per-front connection to the replicas of one LLM entry."""
+
+    def __init__(self, entry: ModelEntry, ctx: zmq.asyncio.Context, layout: RunLayout, front: int) -> None:
+        cfg = entry.config.llm
+        assert cfg is not None
+        self.entry, self.cfg, self.layout, self.front, self.ctx = entry, cfg, layout, front, ctx
+        self.key, self.name = entry.key, entry.config.name
+        self.model_dir = cfg.resolve(entry.config.path, cfg.path)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        max_pos = json.loads((self.model_dir / "config.json").read_text()).get("max_position_embeddings")
+        self.max_total_tokens = min(cfg.max_total_tokens, max_pos or cfg.max_total_tokens)  # as the worker does
+        self.timeout_s = entry.config.timeout_s
+        n = entry.config.instances
+        self.sockets = [self._socket(r) for r in range(n)]
+        self.up = [True] * n
+        self.outstanding = [0] * n
+        self.streams: dict[int, Generation] = {}
+        self.ops: dict[int, asyncio.Future[AdapterReply]] = {}
+        self._ids = itertools.count((os.getpid() & 0xFFFFFF) << 32 | 1)
+        self.adapter_dir_names = cfg.adapter_dirs or sorted({str(Path(p).parent) for p in cfg.adapters.values()})
+        self.adapter_dirs = [cfg.resolve(entry.config.path, d) for d in self.adapter_dir_names]
+
+    def _socket(self, replica: int) -> zmq.asyncio.Socket:
+        sock = self.ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.layout.task_endpoint(self.entry.index, replica))
+        return sock
+
+    # -- generation --------------------------------------------------------------------------------
+    def check_length(self, prompt: list[int], max_new_tokens: int) -> None:
+        if not prompt:
+            raise InvalidInput("the prompt is empty")
+        if len(prompt) + max_new_tokens > self.max_total_tokens:
+            raise TooManyTokens(f"prompt has {len(prompt)} tokens and max_new_tokens is {max_new_tokens}: "
+                                f"together they must be <= {self.max_total_tokens} (max_total_tokens of "
+                                f"{self.name}); shorten the prompt or lower max_new_tokens")
+
+    async def start(self, prompt: list[int], params: SamplingParams, adapter: str = "",
+                    stops: list[str] | None = None, include_stop: bool = True) -> Generation:
+        """Send the request and wait for its first token; raises the mapped error if it fails at once."""
+        self.check_length(prompt, params.max_new_tokens)
+        live = [i for i, ok in enumerate(self.up) if ok]
+        if not live:
+            raise Overloaded(f"{self.key} has no live replica (restarting); retry shortly")
+        replica = min(live, key=lambda i: self.outstanding[i])
+        gen = Generation(self, next(self._ids), replica, prompt, StopMatcher(stops or []), include_stop)
+        self.streams[gen.req_id] = gen
+        self.outstanding[replica] += 1
+        t0 = time.perf_counter()
+        try:
+            await self.sockets[replica].send(encoder.encode(Generate(gen.req_id, self.front, prompt, params, adapter)))
+            gen.first = await gen._next()
+            metrics().llm_ttft.labels(self.name).observe(time.perf_counter() - t0)
+            if gen.first.error:
+                gen.done = True
+                raise _ERRORS.get(gen.first.error_kind, WorkerDied)(gen.first.error)
+        except BaseException:
+            await gen.close()
+            raise
+        return gen
+
+    def forget(self, gen: Generation) -> None:
+        if self.streams.pop(gen.req_id, None) is not None:
+            self.outstanding[gen.replica] -= 1
+
+    def on_tokens(self, msg: Tokens) -> None:
+        for item in msg.items:
+            gen = self.streams.get(item.req_id)
+            if gen is not None:
+                gen.queue.put_nowait(item)  # bounded by the request's max_new_tokens
+
+    # -- adapters ----------------------------------------------------------------------------------
+    def confine(self, path: str) -> Path:
+        """Resolve an adapter path named by a request; it must lie inside a configured adapter dir."""
+        p = Path(path).expanduser()
+        resolved = (p if p.is_absolute() else self.adapter_dirs[0] / p).resolve() if self.adapter_dirs else None
+        if resolved is None or not any(resolved.is_relative_to(d) for d in self.adapter_dirs):
+            # as configured (relative to the entry's folder where so written): no server layout leaks
+            allowed = ", ".join(self.adapter_dir_names) or "none configured (set llm.adapter_dirs)"
+            raise InvalidInput(f"lora_path {path!r} is outside the allowed adapter directories: {allowed}")
+        return resolved
+
+    async def adapter_op(self, kind: str, name: str = "", path: str = "") -> AdapterReply:
+        """Run a load/unload/list on every live replica; returns the first failure or the last reply."""
+        loop = asyncio.get_running_loop()
+        waits = []
+        for r, sock in enumerate(self.sockets):
+            if not self.up[r]:
+                continue
+            op_id = next(self._ids)
+            fut: asyncio.Future[AdapterReply] = loop.create_future()
+            self.ops[op_id] = fut
+            waits.append(fut)
+            await sock.send(encoder.encode(AdapterOp(op_id, self.front, kind, name, path)))
+        if not waits:
+            raise Overloaded(f"{self.key} has no live replica (restarting); retry shortly")
+        try:
+            replies = await asyncio.wait_for(asyncio.gather(*waits), max(60.0, self.timeout_s))
+        except TimeoutError:
+            raise RequestTimeout(f"{self.key} did not finish the adapter operation in time") from None
+        finally:
+            for op_id in [k for k, f in self.ops.items() if f in waits]:
+                del self.ops[op_id]
+        failed = [r for r in replies if r.error]
+        if failed and kind == "load" and len(failed) < len(replies):  # keep replicas in step: undo
+            await self.adapter_op("unload", name)
+        return failed[0] if failed else replies[-1]
+
+    def on_reply(self, msg: AdapterReply) -> None:
+        fut = self.ops.get(msg.op_id)
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
+
+    # -- replica health ----------------------------------------------------------------------------
+    def replica_down(self, replica: int) -> None:
+        self.up[replica] = False
+        self.sockets[replica].close(linger=0)
+        self.sockets[replica] = self._socket(replica)
+        for gen in self.streams.values():
+            if gen.replica == replica:
+                gen.queue.put_nowait(TokenItem(gen.req_id, -1, error=(
+                    f"LLM worker {self.key}#{replica} died while running this request"), error_kind="died"))
+
+    def replica_up(self, replica: int) -> None:
+        self.up[replica] = True
+
+
+def error_for(kind: str) -> type[TandemError]:
+    return _ERRORS.get(kind, WorkerDied)

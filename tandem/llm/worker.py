@@ -1,0 +1,190 @@
+"""LLM worker: one process per LLM replica that only runs the engine (prefill, decode, sampling).
+
+Tokenization, detokenization, stop sequences and the HTTP protocols run in the fronts. The loop:
+drain every pending message (Generate, Cancel, AdapterOp) without blocking while sequences run,
+take one engine step, and send each front one `Tokens` message with what the step produced.
+When idle it blocks on the socket, so an idle worker costs no CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections import defaultdict
+from concurrent.futures import Future
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from tandem.serving._proc import die_with_parent
+from tandem.serving.layout import RunLayout, report_ready, setup_or_report
+from tandem.serving.messages import (
+    AdapterOp,
+    AdapterReply,
+    Cancel,
+    Generate,
+    Ready,
+    TokenItem,
+    Tokens,
+    decoder,
+    encoder,
+)
+from tandem.serving.metrics import metrics
+from tandem.serving.repository import ModelEntry
+
+__all__ = ["build_engine", "run_llm_worker"]
+
+logger = logging.getLogger(__name__)
+
+
+def build_engine(entry: ModelEntry, device: str) -> Any:
+    """Load the base model and the start-up adapters of an LLM entry (errors name the adapter)."""
+    import torch
+
+    from tandem.llm.engine import Engine, EngineLimits
+    from tandem.llm.model import load_weights
+
+    cfg = entry.config.llm
+    assert cfg is not None
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        cfg.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    weights = load_weights(cfg.resolve(entry.config.path, cfg.path), device, dtype)
+    limits = EngineLimits(cfg.max_batch_size, min(cfg.max_total_tokens, weights.spec.max_positions),
+                          cfg.max_prefill_tokens, cfg.max_waiting, cfg.max_loras, cfg.max_cpu_loras,
+                          cfg.max_lora_rank, cfg.lora_form)
+    engine = Engine(weights, limits)
+    for name, path in cfg.adapters.items():
+        engine.add_adapter_now(name, cfg.resolve(entry.config.path, path))
+    rows = engine.rows.nbytes() if engine.rows is not None else 0
+    logger.info("%s on %s: weights %.1f MiB, KV cache %.1f MiB (%d slots x %d tokens), LoRA bank %.1f MiB "
+                "(%d slots, rank <= %d), per-sequence LoRA copies %.1f MiB (%s)", entry.key, device,
+                weights.nbytes() / 2**20, engine.cache.nbytes() / 2**20, limits.max_batch_size,
+                limits.max_total_tokens, engine.bank.nbytes() / 2**20, limits.max_loras, limits.max_lora_rank,
+                rows / 2**20, limits.lora_form)
+    return engine
+
+
+class _Loop:
+    """The worker's message loop around one engine."""
+
+    def __init__(self, entry: ModelEntry, engine: Any, layout: RunLayout, replica: int) -> None:
+        self.entry, self.engine, self.layout = entry, engine, layout
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.tasks = self.ctx.socket(zmq.PULL)
+        self.tasks.bind(layout.task_endpoint(entry.index, replica))
+        self.results: dict[int, zmq.Socket[Any]] = {}
+        self.pending_ops: list[tuple[AdapterOp, Future[Any]]] = []
+        self.stopping = False
+        self.m = metrics()
+
+    def _send(self, front: int, msg: Tokens | AdapterReply) -> None:
+        sock = self.results.get(front)
+        if sock is None:
+            sock = self.results[front] = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.layout.result_endpoint(front))
+        sock.send(encoder.encode(msg))
+
+    def run(self) -> None:
+        while not self.stopping:
+            busy = self.engine.has_work or self.pending_ops
+            if self.tasks.poll(0 if busy else 100):
+                while True:
+                    try:
+                        raw = self.tasks.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._handle(decoder.decode(raw))
+            self._finish_ops()
+            if self.engine.has_work:
+                self._step()
+        self.engine.close()
+        self.ctx.destroy(linger=0)
+
+    def _step(self) -> None:
+        eng, name = self.engine, self.entry.config.name
+        t0 = time.perf_counter()
+        outs = eng.step()
+        phase = eng.last_phase
+        self.m.llm_step_time.labels(name, phase).observe(time.perf_counter() - t0)
+        self.m.llm_tokens.labels(name, phase).inc(eng.last_tokens)
+        self.m.llm_running.labels(name).set(len(eng.running))
+        self.m.llm_waiting.labels(name).set(len(eng.waiting))
+        self._emit(outs)
+
+    def _handle(self, msg: Any) -> None:
+        from tandem.llm.engine import GenInput, StepOutput
+
+        if isinstance(msg, Generate):
+            err: StepOutput | None = self.engine.submit(
+                GenInput(msg.req_id, msg.prompt, msg.params, msg.adapter, msg.front))
+            if err is not None:
+                self._emit([err])
+        elif isinstance(msg, Cancel):
+            if self.engine.cancel(msg.req_id):
+                self.m.llm_cancelled.labels(self.entry.config.name).inc()
+                self.m.llm_running.labels(self.entry.config.name).set(len(self.engine.running))
+        elif isinstance(msg, AdapterOp):
+            self._adapter_op(msg)
+
+    def _emit(self, outs: list[Any]) -> None:
+        by_front: dict[int, list[TokenItem]] = defaultdict(list)
+        for o in outs:
+            by_front[o.front].append(TokenItem(o.req_id, o.token, o.logprob, o.finish, o.error, o.error_kind))
+        for front, items in by_front.items():
+            self._send(front, Tokens(self.entry.key, items))
+
+    def _reply(self, op: AdapterOp, error: str = "", kind: str = "") -> None:
+        infos = [asdict(i) for i in self.engine.adapters.infos()]
+        self._send(op.front, AdapterReply(self.entry.key, op.op_id, error, kind, infos))
+
+    def _adapter_op(self, op: AdapterOp) -> None:
+        store = self.engine.adapters
+        if op.kind == "list":
+            self._reply(op)
+        elif op.kind == "unload":
+            found = store.remove(op.name)
+            self._reply(op, "" if found else f"adapter {op.name!r} is not loaded", "" if found else "not_found")
+        elif op.kind == "load":
+            self.pending_ops.append((op, store.add(op.name, Path(op.path))))
+        else:
+            self._reply(op, f"unknown adapter operation {op.kind!r}", "invalid")
+
+    def _finish_ops(self) -> None:
+        """Reply to adapter loads whose background thread finished; others keep decoding meanwhile."""
+        from tandem.llm.lora import AdapterError
+
+        for op, fut in [p for p in self.pending_ops if p[1].done()]:
+            self.pending_ops.remove((op, fut))
+            try:
+                self.engine.adapters.finish_add(fut.result())
+                self._reply(op)
+            except AdapterError as e:
+                self._reply(op, str(e), "invalid")
+            except Exception as e:  # noqa: BLE001 - a bad adapter must never take the engine down
+                logger.exception("loading adapter %s failed", op.name)
+                self._reply(op, f"loading adapter {op.name!r} failed: {type(e).__name__}: {e}", "invalid")
+
+
+def run_llm_worker(entry: ModelEntry, replica: int, layout: RunLayout, parent_pid: int) -> None:
+    """Process entry point (spawned by the supervisor)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
+    die_with_parent(parent_pid)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s llm[{entry.key}#{replica}] %(message)s")
+    import torch
+
+    torch.set_num_threads(entry.threads())
+    device = entry.device()
+    loop = setup_or_report(layout, entry.key, replica,
+                           lambda: _Loop(entry, build_engine(entry, device), layout, replica))
+
+    def _stop(signum: int, frame: Any) -> None:
+        loop.stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    report_ready(layout, Ready("accel", entry.key, replica, os.getpid(), detail=device))
+    loop.run()

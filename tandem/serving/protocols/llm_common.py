@@ -1,0 +1,124 @@
+"""Shared pieces of the LLM HTTP APIs (TGI and OpenAI): model/adapter lookup, SSE, JSON bodies.
+
+Streaming responses start only after the first token arrived (`LLMClient.start`), so request
+errors are ordinary JSON 4xx answers; an error after streaming began is sent as a final SSE event.
+When the client disconnects, Starlette stops iterating the body and `Generation.close()` cancels
+the request in the worker, freeing its KV slot at the next step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+from starlette.background import BackgroundTask
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import Response, StreamingResponse
+
+from tandem.errors import InvalidInput, ModelNotFound, TandemError
+from tandem.llm.client import Generation, LLMClient
+
+__all__ = ["LLMDirectory", "error_kind", "json_response", "openai_error", "read_json", "sse_response", "tgi_error"]
+
+logger = logging.getLogger(__name__)
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def json_response(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+async def read_json(request: HTTPRequest, limit: int = 4 * 1024 * 1024) -> dict[str, Any]:
+    """The request body as a JSON object; 400 naming the problem otherwise."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise InvalidInput(f"request body over {limit} bytes")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise InvalidInput(f"malformed JSON body: {e}") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("the JSON body must be an object")
+    return data
+
+
+class LLMDirectory:
+    """The LLM entries of a front, by name; the first one is the default (TGI routes serve it)."""
+
+    def __init__(self, clients: list[LLMClient] | None = None) -> None:
+        self.set_clients(clients or [])
+
+    def set_clients(self, clients: list[LLMClient]) -> None:
+        """Filled when the front connects to its workers (routes are built before that)."""
+        self.clients = list(clients)
+        self.by_name = {c.name: c for c in self.clients}
+
+    @property
+    def default(self) -> LLMClient:
+        if not self.clients:
+            raise ModelNotFound("this server has no LLM (start it with --llm PATH or a kind: llm entry)")
+        return self.clients[0]
+
+    def get(self, name: str | None) -> LLMClient:
+        if not name:
+            return self.default
+        if name not in self.by_name:
+            raise ModelNotFound(f"unknown model {name!r}; LLMs served: {sorted(self.by_name)}")
+        return self.by_name[name]
+
+    def resolve(self, model: str | None) -> tuple[LLMClient, str]:
+        """OpenAI `model`: an LLM's name (base model) or an adapter name ('name' or 'llm/adapter')."""
+        if not model or model in self.by_name:
+            return self.get(model), ""
+        if "/" in model and model.split("/", 1)[0] in self.by_name:
+            llm, adapter = model.split("/", 1)
+            return self.by_name[llm], adapter
+        return self.default, model  # the worker answers 404 naming it if no such adapter exists
+
+
+def tgi_error(status: int, message: str, kind: str) -> dict[str, Any]:
+    """TGI's error body: `{"error": message, "error_type": kind}`."""
+    return {"error": message, "error_type": kind}
+
+
+def openai_error(status: int, message: str, kind: str) -> dict[str, Any]:
+    """OpenAI's error body, which the openai client turns into the exception's message."""
+    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+
+
+ErrorShape = Callable[[int, str, str], dict[str, Any]]
+
+
+def error_kind(e: TandemError) -> str:
+    return {400: "invalid_request_error", 404: "not_found_error", 422: "validation", 503: "overloaded"}.get(
+        e.status, "internal")
+
+
+def sse_response(events: AsyncIterator[dict[str, Any]], gen: Generation, done_marker: bool,
+                 shape: ErrorShape = tgi_error) -> StreamingResponse:
+    """Server-sent events from dicts; errors mid-stream become a final error event in the API's shape.
+
+    The generation is closed when the body ends, and again (idempotent) as a background task, which
+    Starlette also runs when the client disconnected before the body was ever iterated.
+    """
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for event in events:
+                yield b"data:" + orjson.dumps(event) + b"\n\n"
+            if done_marker:
+                yield b"data: [DONE]\n\n"
+        except TandemError as e:
+            yield b"data:" + orjson.dumps(shape(e.status, str(e), error_kind(e))) + b"\n\n"
+        except Exception as e:  # keep serving others; the client sees why its stream ended
+            logger.exception("stream failed")
+            yield b"data:" + orjson.dumps(shape(500, f"{type(e).__name__}: {e}", "internal")) + b"\n\n"
+        finally:
+            await gen.close()
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers=_SSE_HEADERS,
+                             background=BackgroundTask(gen.close))
