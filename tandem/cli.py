@@ -96,9 +96,11 @@ def serve(
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
     for entry in entries:
-        b = entry.batching
+        b, llm_cfg = entry.batching, entry.config.llm
+        how = (f"continuous batching of {llm_cfg.max_batch_size} sequences, {len(llm_cfg.adapters)} adapter(s)"
+               if llm_cfg else f"batch <= {b.max_batch_size}, delay {b.max_batch_delay_ms} ms")
         console.print(f"  {entry.key}: {entry.config.instances} replica(s) on {', '.join(sup.devices(entry.key))}, "
-                      f"batch <= {b.max_batch_size}, delay {b.max_batch_delay_ms} ms")
+                      f"{how}")
     # Tests and scripts wait for this exact line on stdout.
     print(f"tandem ready on http://{host}:{sup.port}", flush=True)
     sup.run_forever()
