@@ -26,3 +26,4 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/serving.py --markdown bench-out/serving.md --json bench-out/serving.json
+	$(PY) benchmarks/lora.py --markdown bench-out/lora.md --json bench-out/lora.json

@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from tandem.llm.engine import Engine, EngineLimits, GenInput, generate
 from tandem.llm.lora import AdapterError, LoraBank, SlotCopies, load_adapter
@@ -34,6 +42,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
                   num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
     LlamaForCausalLM(LlamaConfig(**common)).save_pretrained(root / "llama")
     Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True)).save_pretrained(root / "qwen2")
+    MistralForCausalLM(MistralConfig(**common, sliding_window=64)).save_pretrained(root / "mistral")
     for name, (r, mods) in ADAPTERS.items():
         base = AutoModelForCausalLM.from_pretrained(root / "llama")
         peft = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r + 1, target_modules=mods,
@@ -48,7 +57,7 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
             for _ in range(n)]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_forward_matches_transformers_prefill_and_decode(models: Path, arch: str) -> None:
     ref = AutoModelForCausalLM.from_pretrained(models / arch).eval()
     w = load_weights(models / arch)
@@ -150,6 +159,11 @@ def test_cancel_frees_slot_and_eos_finishes(models: Path) -> None:
     assert len(eng.running) == 1
     eng.step()  # request 4 takes the freed slot at once
     assert sorted(s.inp.req_id for s in eng.running) == [3, 4]
+
+
+def test_mistral_window_larger_than_the_cache_is_refused(models: Path) -> None:
+    with pytest.raises(ValueError, match="sliding window 64"):
+        Engine(load_weights(models / "mistral"), EngineLimits(max_total_tokens=100))
 
 
 def test_submit_errors(models: Path) -> None:
