@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from tandem.llm.lora import AdapterError, AdapterWeights, LoraBank, load_adapter
+from tandem.llm.lora import AdapterWeights, LoraBank, load_adapter
 from tandem.llm.model import LlamaSpec
 
 __all__ = ["AdapterInfo", "AdapterStore"]
@@ -43,6 +43,7 @@ class AdapterStore:
         self.host: OrderedDict[str, AdapterWeights] = OrderedDict()
         self.loading: dict[str, Future[AdapterWeights]] = {}
         self.load_ms: dict[str, float] = {}
+        self.broken: dict[str, str] = {}  # adapters dropped because a reload failed -> why
         self.slot_of: dict[str, int] = {}
         self.refs = [0] * (bank.max_loras + 1)
         self.slot_lru: OrderedDict[int, str] = OrderedDict()  # occupied slots, least recently used first
@@ -71,6 +72,7 @@ class AdapterStore:
     def finish_add(self, weights: AdapterWeights) -> None:
         """Make a loaded adapter known (call on the engine thread). Replaces one of the same name."""
         self.remove(weights.name)
+        self.broken.pop(weights.name, None)
         self.known[weights.name] = weights.path
         self._to_host(weights)
 
@@ -100,8 +102,10 @@ class AdapterStore:
                 del self.loading[name]
                 try:
                     weights = fut.result()
-                except AdapterError:
+                except Exception as e:  # noqa: BLE001 - e.g. its files were removed: forget it, say why
                     logger.exception("reloading adapter %s failed", name)
+                    if self.known.pop(name, None) is not None:
+                        self.broken[name] = f"adapter {name!r} could not be reloaded from disk: {e}"
                     continue
                 if name in self.known:
                     self._to_host(weights)

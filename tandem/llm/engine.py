@@ -146,16 +146,17 @@ class Engine:
         A prefill step returns at once, so its first tokens reach clients before the next decode.
         """
         self.adapters.poll()
-        new = self._admit()
+        new, dropped = self._admit()  # dropped: their adapter went away while they waited
         self.steps += 1
         if new:
             self.last_phase, self.last_tokens = "prefill", sum(len(s.inp.prompt) for s in new)
-            return self._prefill(new)
+            return dropped + self._prefill(new)
         self.last_phase, self.last_tokens = "decode", len(self.running)
-        return self._decode() if self.running else []
+        return dropped + (self._decode() if self.running else [])
 
-    def _admit(self) -> list[_Seq]:
+    def _admit(self) -> tuple[list[_Seq], list[StepOutput]]:
         new: list[_Seq] = []
+        dropped: list[StepOutput] = []
         budget, longest = self.limits.max_prefill_tokens, 0
         skipped: list[_Seq] = []
         while self.waiting and len(self.running) < self.limits.max_batch_size:
@@ -165,6 +166,8 @@ class Engine:
                 break
             self.waiting.popleft()
             if seq.inp.adapter and seq.inp.adapter not in self.adapters.known:  # unloaded while waiting
+                why = self.adapters.broken.get(seq.inp.adapter, f"adapter {seq.inp.adapter!r} was unloaded")
+                dropped.append(StepOutput(seq.inp.req_id, seq.inp.front, error=why, error_kind="not_found"))
                 continue
             slot = self.adapters.acquire(seq.inp.adapter) if seq.inp.adapter else 0
             if slot is None:  # adapter still loading or every bank slot pinned: others go first
@@ -176,7 +179,7 @@ class Engine:
             self.running.append(seq)
             new.append(seq)
         self.waiting.extendleft(reversed(skipped))
-        return new
+        return new, dropped
 
     def _prefill(self, new: list[_Seq]) -> list[StepOutput]:
         first = len(self.running) - len(new)

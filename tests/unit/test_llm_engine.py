@@ -7,6 +7,8 @@ PEFT adapters with different ranks and target modules share one mixed batch.
 from __future__ import annotations
 
 import json
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -256,3 +258,31 @@ def test_sampling_filters_and_penalty_match_transformers() -> None:
     assert got.item() == want.argmax().item()
     assert lp is not None and abs(lp.item() - want.log_softmax(-1)[0, got.item()].item()) < 1e-5
 
+
+
+def test_adapter_gone_while_waiting_answers_the_request(models: Path, tmp_path: Path) -> None:
+    """Unloaded, or its files gone when it must be reloaded: the waiting request gets a 404-kind error."""
+    eng = Engine(load_weights(models / "llama"), EngineLimits(max_batch_size=1, max_total_tokens=32, max_loras=1,
+                                                              max_cpu_loras=1, max_lora_rank=8))
+    eng.add_adapter_now("a4qv", models / "a4qv")
+    eng.submit(GenInput(1, [1, 5, 6], SamplingParams(max_new_tokens=3, ignore_eos=True)))
+    eng.submit(GenInput(2, [1, 5, 6], SamplingParams(max_new_tokens=3, ignore_eos=True), "a4qv"))
+    eng.step()  # request 1 takes the only KV slot; 2 waits
+    eng.adapters.remove("a4qv")
+    errors = [o for _ in range(5) for o in eng.step() if o.error]
+    assert [(o.req_id, o.error_kind) for o in errors] == [(2, "not_found")] and "unloaded" in errors[0].error
+
+    moved = tmp_path / "moved"
+    shutil.copytree(models / "a4qv", moved)
+    eng.add_adapter_now("gone", moved)
+    eng.add_adapter_now("a8all", models / "a8all")  # evicts "gone" from host memory (max_cpu_loras=1)
+    shutil.rmtree(moved)
+    eng.submit(GenInput(3, [1, 5, 6], SamplingParams(max_new_tokens=2, ignore_eos=True), "gone"))
+    errors = []
+    for _ in range(500):
+        errors += [o for o in eng.step() if o.error]
+        if errors or not eng.has_work:
+            break
+        time.sleep(0.01)  # the reload runs on the background thread
+    assert [(o.req_id, o.error_kind) for o in errors] == [(3, "not_found")]
+    assert "could not be reloaded" in errors[0].error
