@@ -52,6 +52,8 @@ from tandem.llm.params import SamplingParams  # noqa: E402
 
 TOKENIZER = ROOT / "tandem" / "default_repo" / "tiny-llm" / "base"
 N_ADAPTERS = 32
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPE = torch.float32  # --dtype: every system in (a) and (b) computes in it
 
 
 # -- model and adapters ----------------------------------------------------------------------------
@@ -92,13 +94,13 @@ def write_adapter(path: Path, spec: Any, rank: int, modules: tuple[str, ...], se
 
 # -- (a) decode step -------------------------------------------------------------------------------
 def decode_step(model: Path, adapters: list[Path], rank: int, reps: int, form: str) -> dict[str, float]:
-    w = load_weights(model)
+    w = load_weights(model, "cpu", DTYPE)
     eng = Engine(w, EngineLimits(max_batch_size=32, max_total_tokens=256, max_loras=N_ADAPTERS,
                                  max_lora_rank=rank, lora_form=form))
     for i, p in enumerate(adapters):
         eng.bank.write(i + 1, load_adapter(p.name, p, w.spec, rank))
     S, ctx = 32, 128
-    cache = KVCache.allocate(w.spec, S, 256, "cpu", torch.float32)
+    cache = KVCache.allocate(w.spec, S, 256, "cpu", DTYPE)
     toks = torch.randint(3, w.spec.vocab_size, (S, 1))
     starts = torch.full((S,), ctx)
     cases = {"base": [0] * S, "1 adapter": [1] * S, "8 adapters": [1 + i % 8 for i in range(S)],
@@ -135,8 +137,8 @@ def workload(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int, in
 
 
 def run_tandem(model: Path, adapters: list[Path], rank: int, reqs: list[Any], form: str) -> tuple[float, int]:
-    eng = Engine(load_weights(model), EngineLimits(max_batch_size=32, max_total_tokens=256, max_loras=N_ADAPTERS,
-                                                   max_lora_rank=rank, lora_form=form))
+    eng = Engine(load_weights(model, "cpu", DTYPE), EngineLimits(
+        max_batch_size=32, max_total_tokens=256, max_loras=N_ADAPTERS, max_lora_rank=rank, lora_form=form))
     for p in adapters:
         eng.add_adapter_now(p.name, p)
     inputs = [GenInput(i, prompt, SamplingParams(max_new_tokens=n, ignore_eos=True),
@@ -178,7 +180,7 @@ def end_to_end(model: Path, adapters: list[Path], rank: int, n_requests: int, fo
     wall, produced = run_tandem(model, adapters, rank, reqs, form)
     assert produced == useful, (produced, useful)
     res["tandem"] = {"wall_s": wall, "tokens": useful, "tok_s": useful / wall}
-    base = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(str(model), dtype=DTYPE).eval()
     run_hf(base, reqs[:2], None)
     wall = run_hf(base, reqs, None)
     res["hf_generate"] = {"wall_s": wall, "tokens": useful, "tok_s": useful / wall}
@@ -287,30 +289,44 @@ def cold_load(model: Path, adapters: list[Path], rank: int) -> float:
 
 # -- report ----------------------------------------------------------------------------------------
 def markdown(r: dict[str, Any], cmd: str) -> str:
-    a, b = r["decode_step_ms"], r["end_to_end"]
+    a = r["decode_step_ms"]
     lines = [f"Command: `{cmd}`", "", f"Machine: {r['machine']}; torch {r['torch']}; {r['threads']} threads; "
              f"model {r['params_m']:.1f}M parameters (hidden {r['hidden']}, {r['layers']} layers); "
-             f"adapters rank {r['rank']}; parts (b) and (c) use lora_form={r['form']}", "",
-             "(a) decode step, batch 32, context 128 (median ms; ratio to base only)", ""]
-    cols = list(a)  # "form / targets"
-    lines += ["| adapters in batch | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for case in next(iter(a.values())):
-        cells = [f"{a[c][case]:.2f} ({a[c][case] / a[c]['base']:.2f}x)" for c in cols]
-        lines.append(f"| {case} | " + " | ".join(cells) + " |")
-    lines += ["", f"(b) {r['n_requests']} requests, output 16..128 tokens, batch 32 (useful tokens/s)", "",
-              "| system | wall s | tokens/s | Tandem / system |", "|---|---|---|---|"]
+             f"adapters rank {r['rank']}; {r['dtype']}; parts (b) and (c) use lora_form={r['form']}", ""]
+    if a:
+        lines += ["(a) decode step, batch 32, context 128 (median ms; ratio to base only)", ""]
+        cols = list(a)  # "form / targets"
+        lines += ["| adapters in batch | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for case in next(iter(a.values())):
+            cells = [f"{a[c][case]:.2f} ({a[c][case] / a[c]['base']:.2f}x)" for c in cols]
+            lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    if "end_to_end" in r:
+        lines += _table_b(r)
+    if "http" in r:
+        lines += _tables_cd(r)
+    return "\n".join(lines) + "\n"
+
+
+def _table_b(r: dict[str, Any]) -> list[str]:
+    b = r["end_to_end"]
+    lines = ["", f"(b) {r['n_requests']} requests, output 16..128 tokens, batch 32 (useful tokens/s)", "",
+             "| system | wall s | tokens/s | Tandem / system |", "|---|---|---|---|"]
     for k, v in b.items():
         lines.append(f"| {k} | {v['wall_s']:.2f} | {v['tok_s']:.1f} | {b['tandem']['tok_s'] / v['tok_s']:.2f}x |")
-    lines += ["", "(c) through `tandem serve`, TGI /generate_stream, random adapters", "",
-              "| concurrency | TTFT p50 ms | TTFT p90 ms | per-token p50 ms | per-token p90 ms | tokens/s |",
-              "|---|---|---|---|---|---|"]
+    return lines
+
+
+def _tables_cd(r: dict[str, Any]) -> list[str]:
+    lines = ["", "(c) through `tandem serve`, TGI /generate_stream, random adapters", "",
+             "| concurrency | TTFT p50 ms | TTFT p90 ms | per-token p50 ms | per-token p90 ms | tokens/s |",
+             "|---|---|---|---|---|---|"]
     for k in ("c=1", "c=16"):
         v = r["http"][k]
         lines.append(f"| {k[2:]} | {v['ttft_p50_ms']:.1f} | {v['ttft_p90_ms']:.1f} | {v['tpot_p50_ms']:.1f} | "
                      f"{v['tpot_p90_ms']:.1f} | {v['tok_s']:.1f} |")
     lines += ["", f"(d) adapter cold load: {r['cold_load_ms']:.1f} ms from disk to host memory (median of 8); "
               f"{r['http']['http_load_ms']:.1f} ms for HTTP POST /v1/load_lora_adapter (load + validate + reply)"]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main() -> None:
@@ -321,8 +337,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--forms", default="slots,gathered,grouped", help="LoRA forms measured in (a)")
     ap.add_argument("--form", default="slots", help="LoRA form used in (b) and (c)")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute dtype of (a) and (b)")
+    ap.add_argument("--parts", default="abcd", help="which parts to run, e.g. 'b'")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    global DTYPE
+    DTYPE = DTYPES[args.dtype]
     hidden, layers, inter, n_req, reps = (128, 2, 384, 8, 2) if args.quick else (512, 8, 1536, 64, 9)
     rank = 8
     with tempfile.TemporaryDirectory(prefix="tandem-lora-bench-") as tmp:
@@ -337,19 +357,22 @@ def main() -> None:
             t.numel() for lw in w.layers for t in (lw.qkv, lw.o, lw.gate_up, lw.down, lw.ln1, lw.ln2))
         r: dict[str, Any] = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs", "torch": torch.__version__,
                              "threads": args.threads, "params_m": params / 1e6, "hidden": hidden, "layers": layers,
-                             "rank": rank, "n_requests": n_req, "form": args.form}
+                             "rank": rank, "n_requests": n_req, "form": args.form, "dtype": args.dtype}
         print("(a) decode step ...", flush=True)
         r["decode_step_ms"] = {}
-        for form in args.forms.split(","):
+        for form in args.forms.split(",") if "a" in args.parts else []:
             for label, ads in (("all 7 projections", adapters), ("q_proj+v_proj", qv)):
                 r["decode_step_ms"][f"{form} / {label}"] = decode_step(model, ads, rank, reps, form)
                 print(form, label, json.dumps(r["decode_step_ms"][f"{form} / {label}"]), flush=True)
-        print("(b) end to end ...", flush=True)
-        r["end_to_end"] = end_to_end(model, adapters, rank, n_req, args.form)
-        print(json.dumps(r["end_to_end"]), flush=True)
-        print("(c, d) HTTP and cold load ...", flush=True)
-        r["cold_load_ms"] = cold_load(model, adapters, rank)
-        r["http"] = http_part(model, adapters, rank, 16 if args.quick else 48, 32 if args.quick else 64, args.form)
+        if "b" in args.parts:
+            print("(b) end to end ...", flush=True)
+            r["end_to_end"] = end_to_end(model, adapters, rank, n_req, args.form)
+            print(json.dumps(r["end_to_end"]), flush=True)
+        if "c" in args.parts or "d" in args.parts:
+            print("(c, d) HTTP and cold load ...", flush=True)
+            r["cold_load_ms"] = cold_load(model, adapters, rank)
+            r["http"] = http_part(model, adapters, rank, 16 if args.quick else 48, 32 if args.quick else 64,
+                                  args.form)
     cmd = "python benchmarks/lora.py " + " ".join(sys.argv[1:])
     text = markdown(r, cmd)
     print(text)
