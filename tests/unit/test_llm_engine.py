@@ -286,3 +286,21 @@ def test_adapter_gone_while_waiting_answers_the_request(models: Path, tmp_path: 
         time.sleep(0.01)  # the reload runs on the background thread
     assert [(o.req_id, o.error_kind) for o in errors] == [(3, "not_found")]
     assert "could not be reloaded" in errors[0].error
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", ["slots", "gathered"])
+def test_engine_on_cuda_matches_cpu(models: Path, form: str) -> None:
+    """The same mixed-adapter workload on CUDA (fp32) and on CPU gives the same greedy tokens."""
+    inputs = [GenInput(i, p, SamplingParams(max_new_tokens=6, ignore_eos=True), ["", *ADAPTERS][i % 4])
+              for i, p in enumerate(_prompts(8, seed=3))]
+    outs = []
+    for device in ("cpu", "cuda"):
+        eng = Engine(load_weights(models / "llama", device), EngineLimits(max_batch_size=4, max_total_tokens=64,
+                                                                          max_loras=3, max_lora_rank=8,
+                                                                          lora_form=form))
+        for name in ADAPTERS:
+            eng.add_adapter_now(name, models / name)
+        res = generate(eng, inputs)
+        outs.append({k: [o.token for o in v] for k, v in res.items()})
+    assert outs[0] == outs[1]
