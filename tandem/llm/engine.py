@@ -67,7 +67,7 @@ class StepOutput:
     error_kind: str = ""  # "" | "not_found" | "invalid" | "overloaded"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: compared with `in`, `index` and `remove`
 class _Seq:
     inp: GenInput
     sampler: SamplerState

@@ -304,3 +304,15 @@ def test_engine_on_cuda_matches_cpu(models: Path, form: str) -> None:
         res = generate(eng, inputs)
         outs.append({k: [o.token for o in v] for k, v in res.items()})
     assert outs[0] == outs[1]
+
+
+def test_seeded_sampling_with_penalty_is_reproducible_across_batch_mates(models: Path) -> None:
+    eng = Engine(load_weights(models / "llama"), EngineLimits(max_batch_size=4, max_total_tokens=64))
+    p = SamplingParams(max_new_tokens=8, do_sample=True, temperature=0.8, top_k=20, top_p=0.9,
+                       repetition_penalty=1.3, seed=11, ignore_eos=True)
+    prompt = [1, 5, 6, 7]
+    alone = generate(eng, [GenInput(1, prompt, p)])[1]
+    mates = [GenInput(i, q, SamplingParams(max_new_tokens=3 + i, do_sample=True, repetition_penalty=1.1))
+             for i, q in enumerate(_prompts(5, seed=4), start=10)]
+    mixed = generate(eng, [*mates[:2], GenInput(1, prompt, p), *mates[2:]])[1]
+    assert [o.token for o in mixed] == [o.token for o in alone] and len(alone) == 8
