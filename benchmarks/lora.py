@@ -50,6 +50,9 @@ from tandem.llm.lora import load_adapter  # noqa: E402
 from tandem.llm.model import LINEAR_MODULES, KVCache, forward, load_weights  # noqa: E402
 from tandem.llm.params import SamplingParams  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serving import free_port, spawn, stop, tail  # noqa: E402  (the serving benchmark's process helpers)
+
 TOKENIZER = ROOT / "tandem" / "default_repo" / "tiny-llm" / "base"
 N_ADAPTERS = 32
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -198,32 +201,28 @@ def end_to_end(model: Path, adapters: list[Path], rank: int, n_requests: int, fo
 
 
 # -- (c) through the HTTP server -------------------------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(model: Path, adapters: list[Path], rank: int, form: str) -> tuple[subprocess.Popen[str], str]:
+def start_server(model: Path, adapters: list[Path], rank: int, form: str) -> tuple[subprocess.Popen[bytes], str]:
     """`tandem serve` on a one-entry repository (kind: llm) with every adapter in a device slot."""
-    port = _free_port()
+    port = free_port()
     entry = model.parent / "repo" / "bench-llm"
     entry.mkdir(parents=True, exist_ok=True)
     (entry / "tandem.yaml").write_text(json.dumps({"kind": "llm", "llm": {
         "path": str(model), "adapters": {p.name: str(p) for p in adapters}, "adapter_dirs": [str(adapters[0].parent)],
         "max_loras": N_ADAPTERS + 1, "max_lora_rank": rank, "max_batch_size": 32, "max_total_tokens": 256,
         "lora_form": form}}))  # JSON is YAML
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "serve", str(entry.parent), "--port", str(port),
-                             "--log-level", "warning"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.startswith("tandem ready on"):
-            return proc, f"http://127.0.0.1:{port}"
-    raise RuntimeError("server did not start")
+    log = model.parent / "server.log"
+    proc = spawn([sys.executable, "-m", "tandem.cli", "serve", str(entry.parent), "--port", str(port)], log)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    stop(proc)
+    raise RuntimeError("server did not start:\n" + tail(log))
 
 
 async def _one_stream(client: httpx.AsyncClient, body: dict[str, Any]) -> tuple[float, list[float]]:
@@ -273,8 +272,7 @@ def http_part(model: Path, adapters: list[Path], rank: int, n: int, new_tokens: 
         assert r.status_code == 200, r.text
         return out
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop(proc)
 
 
 def cold_load(model: Path, adapters: list[Path], rank: int) -> float:

@@ -5,6 +5,7 @@ Errors are turned into `ConfigError`s naming the file, the field and the fix.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -81,6 +82,14 @@ class LLMConfig(_Strict):
     def resolve(self, base: Path, value: str) -> Path:
         p = Path(value).expanduser()
         return (p if p.is_absolute() else base / p).resolve()
+
+    def model_dir(self, base: Path) -> Path:
+        return self.resolve(base, self.path)
+
+    def total_tokens(self, base: Path) -> int:
+        """max_total_tokens capped at the model's max_position_embeddings: the fronts and the worker agree."""
+        positions = json.loads((self.model_dir(base) / "config.json").read_text()).get("max_position_embeddings")
+        return min(self.max_total_tokens, positions or self.max_total_tokens)
 
 
 class ModelConfig(_Strict):

@@ -50,14 +50,9 @@ class AdapterStore:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-load")
 
     # -- registration ------------------------------------------------------------------------------
-    def add_now(self, name: str, path: Path) -> AdapterWeights:
+    def add_now(self, name: str, path: Path) -> None:
         """Load and validate synchronously (start-up); raises AdapterError."""
-        t0 = time.perf_counter()
-        weights = load_adapter(name, path, self.spec, self.bank.max_rank)
-        self.load_ms[name] = (time.perf_counter() - t0) * 1000
-        self.known[name] = path
-        self._to_host(weights)
-        return weights
+        self.finish_add(self._load_and_time(name, path))
 
     def add(self, name: str, path: Path) -> Future[AdapterWeights]:
         """Start loading on the background thread; the adapter becomes known when the future succeeds."""
@@ -120,15 +115,15 @@ class AdapterStore:
             weights = self.host.get(name)
             if weights is None:
                 if name not in self.loading:
-                    self.loading[name] = self.pool.submit(load_adapter, name, self.known[name], self.spec,
-                                                          self.bank.max_rank)
+                    self.loading[name] = self.pool.submit(self._load_and_time, name, self.known[name])
                 return None
             slot = self._free_slot()
             if slot is None:
                 return None
             self.bank.write(slot, weights)
             self.slot_of[name] = slot
-        self.host.move_to_end(name) if name in self.host else None
+        if name in self.host:
+            self.host.move_to_end(name)
         self.slot_lru[slot] = name
         self.slot_lru.move_to_end(slot)
         self.refs[slot] += 1

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import os
 import time
 from collections.abc import AsyncIterator
@@ -36,6 +35,7 @@ from tandem.llm.text import Detokenizer, StopMatcher, load_tokenizer
 from tandem.serving.layout import RunLayout
 from tandem.serving.messages import AdapterOp, AdapterReply, Cancel, Generate, TokenItem, Tokens, encoder
 from tandem.serving.metrics import metrics
+from tandem.serving.replicas import least_busy, push_socket
 from tandem.serving.repository import ModelEntry
 
 __all__ = ["GenEvent", "Generation", "LLMClient"]
@@ -68,7 +68,6 @@ class Generation:
     queue: asyncio.Queue[TokenItem] = field(default_factory=asyncio.Queue)
     first: TokenItem | None = None
     done: bool = False
-    generated: int = 0
 
     async def _next(self) -> TokenItem:
         if self.first is not None:
@@ -81,13 +80,11 @@ class Generation:
 
     async def events(self) -> AsyncIterator[GenEvent]:
         detok = Detokenizer(self.client.tokenizer, self.prompt)
-        special = set(self.client.tokenizer.all_special_ids)
         while not self.done:
             item = await self._next()
             if item.error:
                 self.done = True
-                raise _ERRORS.get(item.error_kind, WorkerDied)(item.error)
-            self.generated += 1
+                raise error_for(item.error_kind)(item.error)
             text, stop = self.stops.feed(detok.push(item.token))
             finish: str | None = item.finish or None
             if stop is not None:
@@ -95,7 +92,7 @@ class Generation:
             elif finish:
                 text += self.stops.flush()
             self.done = finish is not None
-            yield GenEvent(item.token, text, item.logprob, item.token in special, finish)
+            yield GenEvent(item.token, text, item.logprob, item.token in self.client.special_ids, finish)
 
     async def close(self) -> None:
         self.client.forget(self)
@@ -112,10 +109,9 @@ class LLMClient:
         assert cfg is not None
         self.entry, self.cfg, self.layout, self.front, self.ctx = entry, cfg, layout, front, ctx
         self.key, self.name = entry.key, entry.config.name
-        self.model_dir = cfg.resolve(entry.config.path, cfg.path)
-        self.tokenizer = load_tokenizer(self.model_dir)
-        max_pos = json.loads((self.model_dir / "config.json").read_text()).get("max_position_embeddings")
-        self.max_total_tokens = min(cfg.max_total_tokens, max_pos or cfg.max_total_tokens)  # as the worker does
+        self.tokenizer = load_tokenizer(cfg.model_dir(entry.config.path))
+        self.special_ids = frozenset(self.tokenizer.all_special_ids)
+        self.max_total_tokens = cfg.total_tokens(entry.config.path)
         self.timeout_s = entry.config.timeout_s
         n = entry.config.instances
         self.sockets = [self._socket(r) for r in range(n)]
@@ -128,10 +124,7 @@ class LLMClient:
         self.adapter_dirs = [cfg.resolve(entry.config.path, d) for d in self.adapter_dir_names]
 
     def _socket(self, replica: int) -> zmq.asyncio.Socket:
-        sock = self.ctx.socket(zmq.PUSH)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.layout.task_endpoint(self.entry.index, replica))
-        return sock
+        return push_socket(self.ctx, self.layout.task_endpoint(self.entry.index, replica))
 
     # -- generation --------------------------------------------------------------------------------
     def check_length(self, prompt: list[int], max_new_tokens: int) -> None:
@@ -146,10 +139,7 @@ class LLMClient:
                     stops: list[str] | None = None, include_stop: bool = True) -> Generation:
         """Send the request and wait for its first token; raises the mapped error if it fails at once."""
         self.check_length(prompt, params.max_new_tokens)
-        live = [i for i, ok in enumerate(self.up) if ok]
-        if not live:
-            raise Overloaded(f"{self.key} has no live replica (restarting); retry shortly")
-        replica = min(live, key=lambda i: self.outstanding[i])
+        replica = least_busy(self.up, self.outstanding, self.key)
         gen = Generation(self, next(self._ids), replica, prompt, StopMatcher(stops or []), include_stop)
         self.streams[gen.req_id] = gen
         self.outstanding[replica] += 1
@@ -160,7 +150,7 @@ class LLMClient:
             metrics().llm_ttft.labels(self.name).observe(time.perf_counter() - t0)
             if gen.first.error:
                 gen.done = True
-                raise _ERRORS.get(gen.first.error_kind, WorkerDied)(gen.first.error)
+                raise error_for(gen.first.error_kind)(gen.first.error)
         except BaseException:
             await gen.close()
             raise

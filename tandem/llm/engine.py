@@ -13,9 +13,8 @@ The engine is synchronous and single-threaded; the worker process drives it betw
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -75,8 +74,6 @@ class _Seq:
     length: int = 0  # tokens in the cache
     generated: int = 0
     next_token: int = -1
-    limit: int = 0  # max tokens this sequence may reach
-    started: float = field(default_factory=time.monotonic)
 
 
 class Engine:
@@ -100,7 +97,6 @@ class Engine:
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []  # index == KV slot
         self.eos = set(spec.eos_token_ids)
-        self.steps = 0
         self.last_phase, self.last_tokens = "", 0  # what the last step did (for metrics)
 
     # -- requests ----------------------------------------------------------------------------------
@@ -119,7 +115,7 @@ class Engine:
             return StepOutput(inp.req_id, inp.front, error_kind="overloaded",
                               error=f"{len(self.waiting)} requests already waiting; retry later")
         sampler = SamplerState.create(inp.params, inp.prompt, self.w.spec.vocab_size, self.w.device)
-        self.waiting.append(_Seq(inp, sampler, bank_slot=-1, limit=len(inp.prompt) + inp.params.max_new_tokens))
+        self.waiting.append(_Seq(inp, sampler, bank_slot=-1))
         return None
 
     def cancel(self, req_id: int) -> bool:
@@ -147,7 +143,6 @@ class Engine:
         """
         self.adapters.poll()
         new, dropped = self._admit()  # dropped: their adapter went away while they waited
-        self.steps += 1
         if new:
             self.last_phase, self.last_tokens = "prefill", sum(len(s.inp.prompt) for s in new)
             return dropped + self._prefill(new)
@@ -221,7 +216,7 @@ class Engine:
             finish = ""
             if tok in self.eos and not s.sampler.params.ignore_eos:
                 finish = "eos_token"
-            elif s.length + 1 >= s.limit or s.generated >= s.sampler.params.max_new_tokens:
+            elif s.generated >= s.sampler.params.max_new_tokens:  # submit() kept prompt + these in the cache
                 finish = "length"
             outs.append(StepOutput(s.inp.req_id, s.inp.front, tok, lp, finish))
             if finish:

@@ -33,11 +33,11 @@ from safetensors import safe_open
 from torch import Tensor
 
 from tandem.errors import InvalidInput
-from tandem.llm.model import LINEAR_MODULES, LORA_GROUPS, LlamaSpec, LoraHook
+from tandem.llm.model import LINEAR_MODULES, LORA_GROUPS, LlamaSpec, LoraHook, tensor_bytes
 
 __all__ = ["AdapterError", "AdapterWeights", "FORMS", "LoraBank", "Segments", "SlotCopies", "load_adapter"]
 
-_REFUSED_FEATURES = {"use_dora": "DoRA", "use_rslora": None, "fan_in_fan_out": "fan_in_fan_out",
+_REFUSED_FEATURES = {"use_dora": "DoRA", "fan_in_fan_out": "fan_in_fan_out",
                      "modules_to_save": "modules_to_save", "layers_to_transform": "layers_to_transform",
                      "layer_replication": "layer_replication", "megatron_config": "Megatron layers",
                      "use_qalora": "QALoRA", "trainable_token_indices": "trainable token indices"}
@@ -55,10 +55,9 @@ class AdapterWeights:
     path: Path
     rank: int
     factors: dict[tuple[int, str], tuple[Tensor, Tensor]]
-    base_model: str
 
     def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.factors.values())
+        return tensor_bytes(t for ab in self.factors.values() for t in ab)
 
     @property
     def modules(self) -> set[str]:
@@ -76,7 +75,7 @@ def _read_config(path: Path, name: str) -> dict[str, object]:
     if not isinstance(cfg, dict) or cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"adapter {name!r}: peft_type {cfg.get('peft_type')!r} is not supported (LORA only)")
     for key, feature in _REFUSED_FEATURES.items():
-        if cfg.get(key) and feature:
+        if cfg.get(key):
             raise AdapterError(f"adapter {name!r}: {feature} is not supported ({key}={cfg[key]!r})")
     if cfg.get("bias", "none") != "none":
         raise AdapterError(f"adapter {name!r}: trained biases (bias={cfg['bias']!r}) are not supported")
@@ -101,13 +100,13 @@ def _parse_key(key: str) -> tuple[int, str, str] | None:
 
 
 def _read_tensors(path: Path, name: str) -> dict[str, Tensor]:
-    files = [path / "adapter_model.safetensors"]
-    if not files[0].exists():
+    file = path / "adapter_model.safetensors"
+    if not file.exists():
         extra = " (adapter_model.bin is refused: pickled weights are unsafe)" if (path / "adapter_model.bin").exists() \
             else ""
         raise AdapterError(f"adapter {name!r}: no adapter_model.safetensors in {path}{extra}")
     try:
-        with safe_open(str(files[0]), framework="pt") as fh:
+        with safe_open(str(file), framework="pt") as fh:
             return {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
     except Exception as e:  # safetensors raises several types on corrupt files
         raise AdapterError(f"adapter {name!r}: cannot read adapter_model.safetensors: {e}") from None
@@ -155,7 +154,7 @@ def load_adapter(name: str, path: Path, spec: LlamaSpec, max_rank: int) -> Adapt
         scale = _scale(cfg, f"layers.{layer}.{module}", a.shape[0])
         factors[(layer, module)] = (a.t().contiguous(), (b.t() * scale).contiguous())
     rank = max(a.shape[1] for a, _ in factors.values())
-    return AdapterWeights(name, path, rank, factors, str(cfg.get("base_model_name_or_path") or ""))
+    return AdapterWeights(name, path, rank, factors)
 
 
 @dataclass(frozen=True)
@@ -201,7 +200,7 @@ class LoraBank:
         self.modules_in: list[set[str]] = [set() for _ in range(max_loras + 1)]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [*self.at.values(), *self.bt.values()])
+        return tensor_bytes([*self.at.values(), *self.bt.values()])
 
     def write(self, slot: int, adapter: AdapterWeights) -> None:
         """Copy an adapter into a slot (1..max_loras), zero-padding its rank; modules it lacks become zeros."""
@@ -293,7 +292,7 @@ class SlotCopies:
         self.bt = {k: t.new_zeros(slots, *t.shape[1:]) for k, t in bank.bt.items()}
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [*self.at.values(), *self.bt.values()])
+        return tensor_bytes([*self.at.values(), *self.bt.values()])
 
     def assign(self, row: int, bank_slot: int) -> None:
         for key, t in self.at.items():

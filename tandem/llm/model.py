@@ -14,7 +14,7 @@ H query heads, K key/value heads, D head dim, E hidden size.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from torch import Tensor
 from tandem.errors import ConfigError
 
 __all__ = ["KVCache", "LlamaSpec", "LlamaWeights", "LINEAR_MODULES", "LORA_GROUPS", "LoraHook", "forward",
-           "load_weights"]
+           "load_weights", "tensor_bytes"]
 
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
@@ -35,6 +35,10 @@ _ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2Fo
 # module's delta into its columns of y, in place. Called once per fused projection.
 LoraHook = Callable[[int, tuple[str, ...], Tensor, Tensor], None]
 LORA_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+def tensor_bytes(tensors: Iterable[Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,6 @@ class LlamaSpec:
     tie_embeddings: bool
     qkv_bias: bool
     eos_token_ids: tuple[int, ...]
-    bos_token_id: int | None
     sliding_window: int | None = None
 
     @classmethod
@@ -84,7 +87,7 @@ class LlamaSpec:
                    rms_eps=cfg.get("rms_norm_eps", 1e-6), rope_theta=cfg.get("rope_theta", 10000.0),
                    max_positions=cfg.get("max_position_embeddings", 2048),
                    tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), qkv_bias=arch == "qwen2",
-                   eos_token_ids=eos_ids, bos_token_id=cfg.get("bos_token_id"), sliding_window=window)
+                   eos_token_ids=eos_ids, sliding_window=window)
 
     def module_dims(self, module: str) -> tuple[int, int]:
         """(in_features, out_features) of one linear module of a decoder layer."""
@@ -92,9 +95,6 @@ class LlamaSpec:
         return {"q_proj": (self.hidden, q), "k_proj": (self.hidden, kv), "v_proj": (self.hidden, kv),
                 "o_proj": (q, self.hidden), "gate_proj": (self.hidden, self.intermediate),
                 "up_proj": (self.hidden, self.intermediate), "down_proj": (self.intermediate, self.hidden)}[module]
-
-    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 @dataclass
@@ -131,8 +131,9 @@ class LlamaWeights:
         tensors = [self.embed, self.norm, self.lm_head]
         for lw in self.layers:
             tensors += [lw.ln1, lw.ln2, lw.qkv, lw.o, lw.gate_up, lw.down]
-        return sum(t.numel() * t.element_size() for t in tensors) - (
-            self.lm_head.numel() * self.lm_head.element_size() if self.spec.tie_embeddings else 0)
+            if lw.qkv_bias is not None:
+                tensors.append(lw.qkv_bias)
+        return tensor_bytes({id(t): t for t in tensors}.values())  # a tied lm_head is the embedding: count once
 
 
 def _read_safetensors(folder: Path) -> dict[str, Tensor]:
@@ -189,16 +190,8 @@ class KVCache:
         return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(spec.n_layers)],
                    [torch.zeros(shape, device=device, dtype=dtype) for _ in range(spec.n_layers)])
 
-    @property
-    def slots(self) -> int:
-        return self.k[0].shape[0]
-
-    @property
-    def max_len(self) -> int:
-        return self.k[0].shape[2]
-
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return tensor_bytes(self.k + self.v)
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy slot `src`'s first `length` positions into slot `dst` (compaction after a finish)."""

@@ -34,6 +34,7 @@ from tandem.serving.messages import (
     encoder,
 )
 from tandem.serving.metrics import metrics
+from tandem.serving.replicas import push_socket
 from tandem.serving.repository import ModelEntry
 
 __all__ = ["build_engine", "run_llm_worker"]
@@ -52,8 +53,8 @@ def build_engine(entry: ModelEntry, device: str) -> Any:
     assert cfg is not None
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
         cfg.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    weights = load_weights(cfg.resolve(entry.config.path, cfg.path), device, dtype)
-    limits = EngineLimits(cfg.max_batch_size, min(cfg.max_total_tokens, weights.spec.max_positions),
+    weights = load_weights(cfg.model_dir(entry.config.path), device, dtype)
+    limits = EngineLimits(cfg.max_batch_size, cfg.total_tokens(entry.config.path),
                           cfg.max_prefill_tokens, cfg.max_waiting, cfg.max_loras, cfg.max_cpu_loras,
                           cfg.max_lora_rank, cfg.lora_form)
     engine = Engine(weights, limits)
@@ -82,12 +83,9 @@ class _Loop:
         self.m = metrics()
 
     def _send(self, front: int, msg: Tokens | AdapterReply) -> None:
-        sock = self.results.get(front)
-        if sock is None:
-            sock = self.results[front] = self.ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(self.layout.result_endpoint(front))
-        sock.send(encoder.encode(msg))
+        if front not in self.results:
+            self.results[front] = push_socket(self.ctx, self.layout.result_endpoint(front))
+        self.results[front].send(encoder.encode(msg))
 
     def run(self) -> None:
         while not self.stopping:

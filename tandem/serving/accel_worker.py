@@ -29,6 +29,7 @@ from tandem.serving.batcher import (
 )
 from tandem.serving.layout import RunLayout, report_ready, setup_or_report
 from tandem.serving.messages import Ready, Result, Task, decoder, encoder
+from tandem.serving.replicas import push_socket
 from tandem.serving.repository import ModelEntry, instantiate
 from tandem.serving.shm import Arena
 
@@ -113,10 +114,7 @@ class _Worker:
 
     def push(self, front: int) -> zmq.Socket[Any]:
         if front not in self.pushes:
-            sock = self.ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(self.layout.result_endpoint(front))
-            self.pushes[front] = sock
+            self.pushes[front] = push_socket(self.ctx, self.layout.result_endpoint(front))
         return self.pushes[front]
 
     def receive(self, timeout_ms: int) -> None:

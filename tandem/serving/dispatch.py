@@ -22,6 +22,7 @@ from tandem.errors import InferenceFailed, Overloaded, PayloadTooLarge, RequestT
 from tandem.llm.client import LLMClient
 from tandem.serving.layout import RunLayout
 from tandem.serving.messages import AdapterReply, Event, Result, Task, Tokens, decoder, encoder
+from tandem.serving.replicas import least_busy, push_socket
 from tandem.serving.repository import ModelEntry
 from tandem.serving.shm import Arena, SlotPool
 
@@ -49,10 +50,7 @@ class ModelState:
     preprocessing: int = 0  # requests of this model inside preprocess() right now
 
     def pick_replica(self) -> int:
-        live = [i for i, ok in enumerate(self.up) if ok]
-        if not live:
-            raise Overloaded(f"model {self.entry.key} has no live replica (restarting); retry shortly")
-        return min(live, key=lambda i: self.outstanding[i])
+        return least_busy(self.up, self.outstanding, self.entry.key)
 
     @property
     def ready(self) -> bool:
@@ -87,11 +85,8 @@ class Dispatcher:
         self._tasks: list[asyncio.Task[None]] = []
 
     def _task_socket(self, entry: ModelEntry, replica: int) -> zmq.asyncio.Socket:
-        sock = self.ctx.socket(zmq.PUSH)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 0)  # bounded by the slot pool, not by zmq
-        sock.connect(self.layout.task_endpoint(entry.index, replica))
-        return sock
+        # no zmq high-water mark: the slot pool bounds what is in flight
+        return push_socket(self.ctx, self.layout.task_endpoint(entry.index, replica), unbounded=True)
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._read_results()), asyncio.create_task(self._read_events())]

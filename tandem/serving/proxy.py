@@ -29,6 +29,7 @@ from starlette.routing import Route
 from tandem import __version__
 from tandem.errors import InvalidInput, ModelNotFound, PayloadTooLarge, TandemError
 from tandem.model import Model, Request
+from tandem.serving.bodies import json_response, read_limited
 from tandem.serving.dispatch import Dispatcher, ModelState
 from tandem.serving.metrics import metrics, render
 from tandem.serving.protocols import v2
@@ -42,9 +43,7 @@ logger = logging.getLogger(__name__)
 Handler = Callable[[HTTPRequest], Awaitable[Response]]
 
 
-def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
-                    media_type="application/json", headers=headers)
+_json = json_response
 
 
 def _error(status: int, message: str) -> Response:
@@ -84,17 +83,7 @@ class Front:
         return versions[version]
 
     async def read_body(self, request: HTTPRequest, state: ModelState) -> bytes:
-        limit = state.entry.config.max_request_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"body of {declared} bytes is over the {limit}-byte limit of {state.entry.key}")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"body is over the {limit}-byte limit of {state.entry.key}")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await read_limited(request, state.entry.config.max_request_bytes, state.entry.key)
 
     # -- /predictions and /invocations: the user's preprocess -> predict -> postprocess ----------
     async def predictions(self, state: ModelState, http: HTTPRequest) -> Response:

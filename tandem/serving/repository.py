@@ -111,7 +111,7 @@ def _entry(index: int, folder: Path, code: Path, name: str, version: str | None)
 def llm_entry(index: int, config: ModelConfig) -> ModelEntry:
     """An LLM entry: no model.py, no tensor signature; its worker streams tokens."""
     assert config.llm is not None
-    model_dir = config.llm.resolve(config.path, config.llm.path)
+    model_dir = config.llm.model_dir(config.path)
     if not (model_dir / "config.json").exists():
         raise ConfigError(f"{config.path / 'tandem.yaml'}: llm.path {config.llm.path!r} -> {model_dir} has no "
                           "config.json (fix: point it at a Hugging Face model folder)")

@@ -316,3 +316,22 @@ def test_seeded_sampling_with_penalty_is_reproducible_across_batch_mates(models:
              for i, q in enumerate(_prompts(5, seed=4), start=10)]
     mixed = generate(eng, [*mates[:2], GenInput(1, prompt, p), *mates[2:]])[1]
     assert [o.token for o in mixed] == [o.token for o in alone] and len(alone) == 8
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), [(0, 0.9), (5, 1.0), (10, 0.5), (0, 0.3)])
+def test_top_k_top_p_filter_matches_transformers_warpers(top_k: int, top_p: float) -> None:
+    """The batched filter keeps exactly the tokens transformers' TopK + TopP warpers keep."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from tandem.llm.sampling import _filter
+
+    torch.manual_seed(top_k + int(top_p * 100))
+    logits = torch.randn(6, 50) * 3
+    got = _filter(logits.clone(), torch.full((6,), top_k), torch.full((6,), top_p))
+    want = logits.clone()
+    if top_k:
+        want = TopKLogitsWarper(top_k)(None, want)
+    if top_p < 1.0:
+        want = TopPLogitsWarper(top_p)(None, want)
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+    torch.testing.assert_close(got[torch.isfinite(got)], logits[torch.isfinite(got)])

@@ -9,34 +9,54 @@ the request in the worker, freeing its KV slot at the next step.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
 from starlette.background import BackgroundTask
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import StreamingResponse
 
 from tandem.errors import InvalidInput, ModelNotFound, TandemError
 from tandem.llm.client import Generation, LLMClient
+from tandem.serving.bodies import json_response, read_limited
 
-__all__ = ["LLMDirectory", "error_kind", "json_response", "openai_error", "read_json", "sse_response", "tgi_error"]
+__all__ = ["LLMDirectory", "error_kind", "json_response", "openai_error", "opt_float", "opt_int", "read_json",
+           "sse_response", "tgi_error"]
 
 logger = logging.getLogger(__name__)
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def json_response(data: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+def opt_int(body: dict[str, Any], key: str, lo: int, hi: int | None = None, *, name: str = "") -> int | None:
+    """An optional integer field in [lo, hi]; null or absent gives None. `name` is how errors call it."""
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
+        bounds = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+        raise InvalidInput(f"{name or key} must be an integer {bounds}; got {value!r}")
+    return value
+
+
+def opt_float(body: dict[str, Any], key: str, lo: float, hi: float | None, *, lo_open: bool = False,
+              name: str = "") -> float | None:
+    """An optional finite number with lo < / <= value <= hi; null or absent gives None."""
+    value = body.get(key)
+    if value is None:
+        return None
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > lo if lo_open else value >= lo) and (hi is None or value <= hi)
+    if not ok:
+        bounds = f"{'>' if lo_open else '>='} {lo:g}" + (f" and <= {hi:g}" if hi is not None else "")
+        raise InvalidInput(f"{name or key} must be a number {bounds}; got {value!r}")
+    return float(value)
 
 
 async def read_json(request: HTTPRequest, limit: int = 4 * 1024 * 1024) -> dict[str, Any]:
-    """The request body as a JSON object; 400 naming the problem otherwise."""
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise InvalidInput(f"request body over {limit} bytes")
+    """The request body as a JSON object; 413 past `limit`, 400 naming the problem otherwise."""
+    body = await read_limited(request, limit, "LLM requests")
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as e:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -38,7 +37,15 @@ from tandem.llm.client import Generation, GenEvent, LLMClient, error_for
 from tandem.llm.params import SamplingParams
 from tandem.llm.text import render_chat
 from tandem.serving.messages import AdapterReply
-from tandem.serving.protocols.llm_common import LLMDirectory, json_response, openai_error, read_json, sse_response
+from tandem.serving.protocols.llm_common import (
+    LLMDirectory,
+    json_response,
+    openai_error,
+    opt_float,
+    opt_int,
+    read_json,
+    sse_response,
+)
 
 __all__ = [
     "ChatRequest", "CompletionLogprobs", "CompletionRequest", "chat_max_tokens", "finish_reason",
@@ -57,30 +64,6 @@ _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant"
 
 
 # -- field validation ------------------------------------------------------------------------------
-def _opt_int(body: dict[str, Any], key: str, lo: int, hi: int | None = None) -> int | None:
-    """An optional integer field in [lo, hi]; null or absent gives None."""
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-        bounds = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
-        raise InvalidInput(f"{key} must be an integer {bounds}; got {value!r}")
-    return value
-
-
-def _opt_float(body: dict[str, Any], key: str, lo: float, hi: float | None, *, lo_open: bool = False) -> float | None:
-    """An optional number field with lo < / <= value <= hi; null or absent gives None."""
-    value = body.get(key)
-    if value is None:
-        return None
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > lo if lo_open else value >= lo) and (hi is None or value <= hi)
-    if not ok:
-        bounds = f"{'>' if lo_open else '>='} {lo:g}" + (f" and <= {hi:g}" if hi is not None else "")
-        raise InvalidInput(f"{key} must be a number {bounds}; got {value!r}")
-    return float(value)
-
-
 def _bool(body: dict[str, Any], key: str, default: bool = False) -> bool:
     value = body.get(key)
     if value is None:
@@ -121,7 +104,7 @@ def _include_usage(body: dict[str, Any]) -> bool:
 def _reject_unsupported(body: dict[str, Any]) -> None:
     """400 for OpenAI features this server does not implement (rather than silently ignoring them)."""
     for key in ("presence_penalty", "frequency_penalty"):
-        value = _opt_float(body, key, -2.0, 2.0)
+        value = opt_float(body, key, -2.0, 2.0)
         if value:
             raise InvalidInput(f"{key} is not supported (only 0); use repetition_penalty (> 0, 1 = off) instead")
     for key in ("n", "best_of"):
@@ -133,13 +116,13 @@ def _reject_unsupported(body: dict[str, Any]) -> None:
 def sampling_params(body: dict[str, Any], max_tokens: int, logprobs: bool) -> SamplingParams:
     """The sampling fields shared by completions and chat: temperature 0 is greedy, > 0 samples."""
     _reject_unsupported(body)
-    temperature = _opt_float(body, "temperature", 0.0, 2.0)
+    temperature = opt_float(body, "temperature", 0.0, 2.0)
     temperature = 1.0 if temperature is None else temperature
     greedy = temperature < GREEDY_BELOW
-    top_p = _opt_float(body, "top_p", 0.0, 1.0, lo_open=True)
-    top_k = _opt_int(body, "top_k", -1)
-    penalty = _opt_float(body, "repetition_penalty", 0.0, None, lo_open=True)
-    seed = _opt_int(body, "seed", -(2**63), 2**64 - 1)
+    top_p = opt_float(body, "top_p", 0.0, 1.0, lo_open=True)
+    top_k = opt_int(body, "top_k", -1)
+    penalty = opt_float(body, "repetition_penalty", 0.0, None, lo_open=True)
+    seed = opt_int(body, "seed", -(2**63), 2**64 - 1)
     return SamplingParams(
         max_new_tokens=max_tokens, do_sample=not greedy, temperature=1.0 if greedy else temperature,
         top_k=max(top_k or 0, 0), top_p=1.0 if top_p is None else top_p,
@@ -203,8 +186,8 @@ def parse_completion(body: dict[str, Any]) -> CompletionRequest:
     stream = _bool(body, "stream")
     if stream and len(prompts) > 1:
         raise InvalidInput(f"stream: true takes one prompt; got {len(prompts)} (send them as separate requests)")
-    logprobs = _opt_int(body, "logprobs", 0, 5)
-    max_tokens = _opt_int(body, "max_tokens", 1)
+    logprobs = opt_int(body, "logprobs", 0, 5)
+    max_tokens = opt_int(body, "max_tokens", 1)
     params = sampling_params(body, max_tokens or DEFAULT_COMPLETION_TOKENS, logprobs is not None)
     return CompletionRequest(_model(body), prompts, params, _stops(body), stream, _include_usage(body), logprobs,
                              _bool(body, "echo"))
@@ -257,9 +240,9 @@ def parse_chat(body: dict[str, Any]) -> ChatRequest:
     _reject_tools(body)
     messages = parse_messages(body.get("messages"))
     logprobs = _bool(body, "logprobs")
-    if _opt_int(body, "top_logprobs", 0, 20):
+    if opt_int(body, "top_logprobs", 0, 20):
         raise InvalidInput("top_logprobs must be 0: only the chosen token's logprob is computed")
-    max_tokens = _opt_int(body, "max_completion_tokens", 1) or _opt_int(body, "max_tokens", 1)
+    max_tokens = opt_int(body, "max_completion_tokens", 1) or opt_int(body, "max_tokens", 1)
     params = sampling_params(body, max_tokens or 1, logprobs)
     return ChatRequest(_model(body), messages, max_tokens, params, _stops(body), _bool(body, "stream"),
                        _include_usage(body), logprobs)

@@ -24,7 +24,7 @@ from tandem import __version__
 from tandem.errors import InvalidInput
 from tandem.llm.client import Generation, GenEvent, LLMClient
 from tandem.llm.params import SamplingParams
-from tandem.serving.protocols.llm_common import LLMDirectory, json_response, read_json, sse_response
+from tandem.serving.protocols.llm_common import LLMDirectory, json_response, opt_float, opt_int, read_json, sse_response
 
 __all__ = ["TGIRequest", "parse_generate", "tgi_routes"]
 
@@ -45,26 +45,13 @@ class TGIRequest:
     truncate: int | None
 
 
-def _number(p: dict[str, Any], name: str, kind: type, low: float | None, high: float | None,
-            low_open: bool = False) -> Any:
-    v = p.get(name)
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int | float) or (kind is int and not isinstance(v, int)):
-        raise InvalidInput(f"parameters.{name} must be a{'n integer' if kind is int else ' number'}, not {v!r}")
-    if (low is not None and (v <= low if low_open else v < low)) or (high is not None and v > high):
-        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
-        raise InvalidInput(f"parameters.{name} must be {bound}, not {v}")
-    return v
-
-
 def _sampling(p: dict[str, Any], default_max_new: int) -> SamplingParams:
-    temperature = _number(p, "temperature", float, 0.0, None, low_open=True)
-    top_k = _number(p, "top_k", int, 0, None, low_open=True)
-    top_p = _number(p, "top_p", float, 0.0, 1.0, low_open=True)
-    rep = _number(p, "repetition_penalty", float, 0.0, None, low_open=True)
-    max_new = _number(p, "max_new_tokens", int, 1, None)
-    seed = _number(p, "seed", int, 0, 2**64 - 1)
+    temperature = opt_float(p, "temperature", 0.0, None, lo_open=True, name="parameters.temperature")
+    top_k = opt_int(p, "top_k", 1, name="parameters.top_k")
+    top_p = opt_float(p, "top_p", 0.0, 1.0, lo_open=True, name="parameters.top_p")
+    rep = opt_float(p, "repetition_penalty", 0.0, None, lo_open=True, name="parameters.repetition_penalty")
+    max_new = opt_int(p, "max_new_tokens", 1, name="parameters.max_new_tokens")
+    seed = opt_int(p, "seed", 0, 2**64 - 1, name="parameters.seed")
     warpers = (temperature not in (None, 1.0)) or bool(top_k) or (top_p is not None and top_p < 1.0)
     return SamplingParams(max_new_tokens=max_new or default_max_new, do_sample=bool(p.get("do_sample")) or warpers,
                           temperature=temperature or 1.0, top_k=top_k or 0, top_p=top_p or 1.0,
@@ -89,7 +76,7 @@ def parse_generate(body: dict[str, Any], default_max_new: int) -> TGIRequest:
     adapter = p.get("adapter_id") or ""
     if not isinstance(adapter, str):
         raise InvalidInput("parameters.adapter_id must be a string")
-    truncate = _number(p, "truncate", int, 1, None)
+    truncate = opt_int(p, "truncate", 1, name="parameters.truncate")
     return TGIRequest(inputs, _sampling(p, default_max_new), stops, adapter, bool(p.get("details")),
                       bool(p.get("return_full_text")), truncate)
 
