@@ -20,6 +20,7 @@ from tandem.envs import (
     TANDEM_PORT,
 )
 from tandem.errors import ConfigError
+from tandem.optimize.command import register as register_optimize
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Tandem: serve and accelerate AI models on whatever compute this machine has.")
@@ -108,6 +109,7 @@ def serve(
 
 
 register_bench(app)
+register_optimize(app)
 
 
 def main() -> None:

@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tandem.errors import ConfigError
 
-__all__ = ["BatchingConfig", "LLMConfig", "ModelConfig", "ServerConfig", "load_model_config", "parse_bytes"]
+__all__ = ["BatchingConfig", "LLMConfig", "ModelConfig", "OnnxConfig", "ServerConfig", "load_model_config",
+           "parse_bytes"]
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "kib": 1024, "mib": 1024**2, "gib": 1024**3}
@@ -92,6 +93,35 @@ class LLMConfig(_Strict):
         return min(self.max_total_tokens, positions or self.max_total_tokens)
 
 
+class OnnxConfig(_Strict):
+    """The `onnx:` section of a `runtime: onnxruntime` entry: which artefact, on which providers.
+
+    `path` is relative to the entry's folder and must resolve inside it. `providers: auto` picks
+    CUDAExecutionProvider when the entry's device is CUDA and ONNX Runtime has it, else
+    CPUExecutionProvider; TensorRT runs only when listed explicitly.
+    """
+
+    path: str = Field(min_length=1)
+    providers: Literal["auto"] | list[str] = "auto"
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+
+    @field_validator("providers")
+    @classmethod
+    def _providers(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and not v:
+            raise ValueError("providers must be auto or a non-empty list, e.g. [CPUExecutionProvider]")
+        return v
+
+    def artefact(self, base: Path) -> Path:
+        """The artefact's resolved path; ValueError when it would lie outside `base` (the entry folder)."""
+        root = base.resolve()
+        target = (root / Path(self.path).expanduser()).resolve()
+        if not target.is_relative_to(root):
+            raise ValueError(f"onnx.path {self.path!r} resolves to {target}, outside the entry folder {root} "
+                             "(fix: copy the .onnx file into the entry folder and give a relative path)")
+        return target
+
+
 class ModelConfig(_Strict):
     """Settings of one model (a folder of the model repository with `model.py` + `tandem.yaml`)."""
 
@@ -112,6 +142,10 @@ class ModelConfig(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     kind: Literal["model", "llm"] = "model"  # "llm": no model.py; the `llm` section says what to serve
     llm: LLMConfig | None = None
+    # What runs each batch: "torch" calls model.py's setup/predict; "onnxruntime" runs the `onnx:`
+    # artefact instead (preprocess/postprocess still come from model.py).
+    runtime: Literal["torch", "onnxruntime"] = "torch"
+    onnx: OnnxConfig | None = None
     path: Path = Path(".")
 
     @field_validator("device")
@@ -139,6 +173,21 @@ class ModelConfig(_Strict):
             raise ValueError("kind: llm needs an `llm:` section (and only kind: llm may have one)")
         return self
 
+    @model_validator(mode="after")
+    def _onnx_section(self) -> ModelConfig:
+        if self.kind == "llm" and (self.runtime != "torch" or self.onnx is not None):
+            raise ValueError("kind: llm entries run on the built-in LLM engine (fix: remove `runtime:` and "
+                             "`onnx:`)")
+        if self.runtime == "onnxruntime" and self.onnx is None:
+            raise ValueError("runtime: onnxruntime needs an `onnx:` section (fix: add `onnx: {path: "
+                             "model.onnx}` naming the artefact, relative to the entry folder)")
+        if self.runtime != "onnxruntime" and self.onnx is not None:
+            raise ValueError(f"an `onnx:` section is only read with runtime: onnxruntime, not {self.runtime} "
+                             "(fix: add `runtime: onnxruntime`, or remove the `onnx:` section)")
+        if self.onnx is not None:
+            self.onnx.artefact(self.path)
+        return self
+
     @property
     def key(self) -> str:
         """Unique name of this model version inside a server."""
@@ -149,6 +198,10 @@ class ModelConfig(_Strict):
             return None
         p = Path(self.weights)
         return p if p.is_absolute() else (self.path / p)
+
+    def onnx_path(self) -> Path | None:
+        """The resolved ONNX artefact of a `runtime: onnxruntime` entry (inside its folder), else None."""
+        return self.onnx.artefact(self.path) if self.onnx is not None else None
 
 
 class ServerConfig(_Strict):

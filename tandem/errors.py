@@ -12,14 +12,18 @@
     │   ├── WorkerDied            500  the accelerator worker holding the request died
     │   ├── InferenceFailed       500  predict raised
     │   └── RequestTimeout        504  no answer within the model's timeout
-    └── ConfigError                    invalid tandem.yaml / server settings (at start, not per request)
+    ├── ConfigError                    invalid tandem.yaml / server settings (at start, not per request)
+    └── OptimizeError                  `tandem optimize` cannot go on (offline, not per request)
+        ├── ExportError                torch.onnx could not export; names the operator and the exporter
+        └── InvalidOnnx                corrupt ONNX file, or inputs that do not match its graph
 """
 
 from __future__ import annotations
 
 __all__ = [
-    "ClientError", "ConfigError", "InferenceFailed", "InvalidInput", "ModelNotFound", "Overloaded",
-    "PayloadTooLarge", "RequestTimeout", "Conflict", "TooManyTokens", "ServerError", "TandemError", "WorkerDied",
+    "ClientError", "ConfigError", "Conflict", "ExportError", "InferenceFailed", "InvalidInput", "InvalidOnnx",
+    "ModelNotFound", "OptimizeError", "Overloaded", "PayloadTooLarge", "RequestTimeout", "ServerError",
+    "TandemError", "TooManyTokens", "WorkerDied",
 ]
 
 
@@ -75,3 +79,15 @@ class RequestTimeout(ServerError):
 
 class ConfigError(TandemError):
     """Invalid configuration; the message names the file, the field and the fix."""
+
+
+class OptimizeError(TandemError):
+    """The optimizer cannot go on; the message says why and what to change."""
+
+
+class ExportError(OptimizeError):
+    """A torch model failed to export to ONNX; the message names the operator and each exporter tried."""
+
+
+class InvalidOnnx(OptimizeError):
+    """An ONNX file is corrupt or invalid, or the inputs given do not match its graph."""

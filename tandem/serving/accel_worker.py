@@ -1,4 +1,7 @@
-"""Accelerator worker: one process per model replica that only batches and runs `predict`.
+"""Accelerator worker: one process per model replica that only batches and runs the model.
+
+The model runs through the entry's runtime (`tandem/serving/runtimes.py`): model.py's `predict` on
+torch, or an ONNX Runtime session on an exported artefact.
 
 No pre- or post-processing runs here. Tasks arrive over ZeroMQ with tensor metadata; tensors are
 read zero-copy from the fronts' shared-memory arenas, stacked (length-aware), run, and the outputs
@@ -16,7 +19,6 @@ from typing import Any
 import numpy as np
 import zmq
 
-from tandem.model import Model
 from tandem.serving._proc import die_with_parent
 from tandem.serving.batcher import (
     ArrivalTracker,
@@ -30,7 +32,8 @@ from tandem.serving.batcher import (
 from tandem.serving.layout import RunLayout, report_ready, setup_or_report
 from tandem.serving.messages import Ready, Result, Task, decoder, encoder
 from tandem.serving.replicas import push_socket
-from tandem.serving.repository import ModelEntry, instantiate
+from tandem.serving.repository import ModelEntry
+from tandem.serving.runtimes import Runtime, load_runtime, warm_up_batches
 from tandem.serving.shm import Arena
 
 __all__ = ["run_accel_worker"]
@@ -38,53 +41,30 @@ __all__ = ["run_accel_worker"]
 logger = logging.getLogger(__name__)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _setup_model(entry: ModelEntry) -> tuple[Model, str]:
-    """Pin threads, bound memory, build the model and run its setup; errors name the limit."""
-    import torch
-
-    torch.set_num_threads(entry.threads())
-    device = entry.device()
-    limit = entry.config.memory_limit
-    if device.startswith("cuda"):
-        dev = torch.device(device)
-        total = torch.cuda.get_device_properties(dev).total_memory
-        if limit:
-            torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), dev)
-    model = instantiate(entry)
-    try:
-        model.setup(device)
-    except torch.cuda.OutOfMemoryError as e:
-        raise RuntimeError(f"model {entry.key} does not fit memory_limit={limit} bytes on {device}: {e}") from e
-    if limit:
-        used = torch.cuda.memory_reserved(torch.device(device)) if device.startswith("cuda") else _rss_bytes()
-        if used > limit:
-            what = "CUDA memory reserved" if device.startswith("cuda") else "process RSS"
-            raise RuntimeError(f"model {entry.key} uses {used / 2**20:.0f} MiB ({what}) after setup, "
-                               f"over its memory_limit of {limit / 2**20:.0f} MiB; raise memory_limit "
-                               "or lower instances")
+def _setup_runtime(entry: ModelEntry) -> Runtime:
+    """Load the entry's runtime (torch or onnxruntime), check memory_limit, then warm it up."""
+    runtime = load_runtime(entry, entry.device())
+    _check_memory(entry, runtime)
     if entry.config.warmup:
-        _warm_up(entry, model, device)
-    return model, device
+        _warm_up(entry, runtime)
+    return runtime
 
 
-def _warm_up(entry: ModelEntry, model: Model, device: str) -> None:
-    """Run predict once on dummy inputs (all ones) so the first real requests are not slow."""
-    import torch
+def _check_memory(entry: ModelEntry, runtime: Runtime) -> None:
+    """Refuse to serve a replica that already uses more than its memory_limit after loading."""
+    limit = entry.config.memory_limit
+    measured = runtime.memory_used() if limit else None
+    if limit and measured and measured[0] > limit:
+        used, what = measured
+        raise RuntimeError(f"model {entry.key} uses {used / 2**20:.0f} MiB ({what}) after setup, "
+                           f"over its memory_limit of {limit / 2**20:.0f} MiB; raise memory_limit "
+                           "or lower instances")
 
-    rows = min(4, entry.batching.max_batch_size)
+
+def _warm_up(entry: ModelEntry, runtime: Runtime) -> None:
+    """Run the model once on dummy inputs (all ones) so the first real requests are not slow."""
     try:
-        with torch.inference_mode():
-            for length in (16, 64):
-                batch = {s.name: torch.ones((rows, *(min(length, m) if d == -1 else d
-                                                      for d, m in zip(s.shape, s.max_shape or s.shape))),
-                                            dtype=torch.from_numpy(np.zeros(0, s.np_dtype)).dtype, device=device)
-                         for s in entry.inputs}
-                model.predict(batch)
+        runtime.warm_up(warm_up_batches(entry))
     except Exception:  # a model may reject dummy data; warm-up is an optimisation, not a check
         logger.warning("warm-up predict of %s failed; continuing without it", entry.key, exc_info=True)
 
@@ -92,9 +72,9 @@ def _warm_up(entry: ModelEntry, model: Model, device: str) -> None:
 class _Worker:
     """State of one replica's loop: sockets, attached arenas, waiting tasks."""
 
-    def __init__(self, entry: ModelEntry, replica: int, layout: RunLayout, model: Model, device: str) -> None:
+    def __init__(self, entry: ModelEntry, replica: int, layout: RunLayout, runtime: Runtime) -> None:
         self.entry, self.replica, self.layout = entry, replica, layout
-        self.model, self.device = model, device
+        self.runtime = runtime
         self.ctx = zmq.Context()
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.bind(layout.task_endpoint(entry.index, replica))
@@ -165,18 +145,13 @@ class _Worker:
             self.run_batch(group)
 
     def run_batch(self, batch: list[Pending]) -> None:
-        import torch
-
         start = time.monotonic()
         name = self.entry.config.name
         for p in batch:
             self.metrics.queue_time.labels(name).observe(max(0.0, start - p.task.enqueued))
         try:
             inputs = assemble([p.arrays for p in batch], self.entry.inputs)
-            tensors = {k: torch.from_numpy(v).to(self.device) for k, v in inputs.items()}
-            with torch.inference_mode():
-                out = self.model.predict(tensors)
-            outputs = self.to_numpy(out, sum(p.rows for p in batch))
+            outputs = self.check_outputs(self.runtime.run(inputs), sum(p.rows for p in batch))
         except Exception as e:  # the boundary: predict's failure goes to each request, not the worker
             logger.exception("predict failed for %s", self.entry.key)
             for p in batch:
@@ -187,15 +162,13 @@ class _Worker:
         for p, rows in zip(batch, split_rows(outputs, [p.rows for p in batch])):
             self.deliver(p, rows)
 
-    def to_numpy(self, out: Any, rows: int) -> dict[str, np.ndarray]:
-        if not isinstance(out, dict):
-            raise TypeError(f"predict must return a dict of tensors, got {type(out).__name__}")
+    def check_outputs(self, out: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+        """Every declared output, [rows, ...], in its spec's dtype."""
         result = {}
         for spec in self.entry.outputs:
             if spec.name not in out:
                 raise KeyError(f"predict did not return output {spec.name!r}")
             arr = out[spec.name]
-            arr = arr.detach().cpu().numpy() if hasattr(arr, "detach") else np.asarray(arr)
             if arr.shape[:1] != (rows,):
                 raise ValueError(f"output {spec.name!r} has batch dim {arr.shape[:1]}, expected {rows}")
             result[spec.name] = arr.astype(spec.np_dtype, copy=False)
@@ -226,17 +199,16 @@ def run_accel_worker(entry: ModelEntry, replica: int, layout: RunLayout, parent_
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
     die_with_parent(parent_pid)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s accel[{entry.key}#{replica}] %(message)s")
-    def build() -> tuple[_Worker, str]:
-        model, device = _setup_model(entry)
-        return _Worker(entry, replica, layout, model, device), device
+    def build() -> _Worker:
+        return _Worker(entry, replica, layout, _setup_runtime(entry))
 
-    worker, device = setup_or_report(layout, entry.key, replica, build)
+    worker = setup_or_report(layout, entry.key, replica, build)
 
     def _stop(signum: int, frame: object) -> None:
         worker.stop = True
 
     signal.signal(signal.SIGTERM, _stop)
-    report_ready(layout, Ready("accel", entry.key, replica, os.getpid(), detail=device))
+    report_ready(layout, Ready("accel", entry.key, replica, os.getpid(), detail=worker.runtime.device))
     try:
         while not worker.stop or worker.pending:
             worker.step()

@@ -163,7 +163,7 @@ class Front:
 
     def v2_metadata(self, state: ModelState) -> dict[str, Any]:
         versions = sorted(self.by_name[state.entry.config.name], key=_version_key)
-        return v2.model_metadata(state.entry.config.name, versions, "tandem_pytorch",
+        return v2.model_metadata(state.entry.config.name, versions, state.entry.platform,
                                  list(state.entry.inputs), list(state.entry.outputs))
 
 

@@ -73,6 +73,16 @@ class ModelEntry:
         return self.config.kind == "llm"
 
     @property
+    def runtime(self) -> str:
+        """What runs each batch: "torch" (model.py's predict) or "onnxruntime" (the `onnx:` artefact)."""
+        return self.config.runtime
+
+    @property
+    def platform(self) -> str:
+        """The KServe v2 metadata `platform` of this entry."""
+        return _PLATFORMS.get(self.config.runtime, "tandem_pytorch")
+
+    @property
     def item_bytes(self) -> int:
         return max(sum(s.max_bytes for s in self.inputs), sum(s.max_bytes for s in self.outputs))
 
@@ -97,10 +107,17 @@ class ModelEntry:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+_PLATFORMS = {"torch": "tandem_pytorch", "onnxruntime": "onnxruntime_onnx"}
+
+
 def _entry(index: int, folder: Path, code: Path, name: str, version: str | None) -> ModelEntry:
     config = load_model_config(folder, name, version)
     if config.kind == "llm":
         return llm_entry(index, config)
+    artefact = config.onnx_path()
+    if artefact is not None and not artefact.is_file():
+        raise ConfigError(f"{folder / 'tandem.yaml'}: onnx.path {artefact} not found (fix: write the ONNX "
+                          "artefact there, e.g. with `tandem optimize`, or correct onnx.path)")
     cls = load_model_class(code, config.key)
     batching = config.batching or BatchingConfig(
         max_batch_size=cls.max_batch_size, max_batch_delay_ms=cls.max_batch_delay_ms)

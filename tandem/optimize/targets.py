@@ -1,0 +1,223 @@
+"""Conversion targets: how each builds a lower-precision graph that keeps a given node set in FP32.
+
+A target knows three things: `build(model, keep)` (the converted graph with the nodes `keep`
+left in FP32), which nodes it converts (the doctor's candidates), and how to tell from a profile
+whether a node really ran in FP32. Targets are looked up by name in `TARGETS`.
+
+    fp32           ONNX Runtime's graph optimizations only (the baseline every target must beat)
+    int8-dynamic   int8 weights per channel, activations quantized at run time (MatMul, Gemm, Conv, Gather)
+    int8-static    int8 QDQ with activation ranges calibrated on the calibration set
+    fp16, bf16     every float node in the low type, kept nodes in an FP32 island with explicit casts
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import onnx
+
+from tandem.optimize.lowp import convert_low_precision, float_tensors
+from tandem.optimize.runtime import Feeds
+
+__all__ = ["TARGETS", "Target", "get_target"]
+
+logger = logging.getLogger(__name__)
+
+# Operators that compute in integers: a node "kept in FP32" must not end up in one of these.
+QUANTIZED_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "QAttention", "MatMulIntegerToFloat",
+                 "QGemm", "ConvInteger", "QLinearConv", "DynamicQuantizeLSTM", "QLinearAdd", "QLinearMul",
+                 "QEmbedLayerNormalization", "QOrderedMatMul"}
+LOW_FLOAT_TYPES = {"float16", "bfloat16"}
+
+
+class Target(Protocol):
+    """One way of converting a graph; see the module docstring."""
+
+    name: str
+    precision: str  # "fp32", "int8", "fp16" or "bf16"
+
+    def build(self, model: onnx.ModelProto, keep: Sequence[str]) -> onnx.ModelProto: ...
+
+    def candidates(self, model: onnx.ModelProto, converted: onnx.ModelProto) -> list[str]: ...
+
+    def excluded_ops(self, model: onnx.ModelProto) -> list[str]: ...
+
+    def ran_fp32(self, executed: dict[str, Any]) -> bool: ...
+
+
+def _replaced(model: onnx.ModelProto, converted: onnx.ModelProto, ops: Sequence[str]) -> list[str]:
+    """Nodes of types `ops` that `converted` rewrote: gone, renamed to `<name>_quant`, or fed other inputs."""
+    after = {n.name: list(n.input) for n in converted.graph.node}
+    out = []
+    for node in model.graph.node:
+        if node.op_type not in ops:
+            continue
+        if node.name not in after or f"{node.name}_quant" in after or after[node.name] != list(node.input):
+            out.append(node.name)
+    return out
+
+
+def _int_free(executed: dict[str, Any]) -> bool:
+    return executed["op"] not in QUANTIZED_OPS and not any(t in ("int8", "uint8") for t in executed["inputs"])
+
+
+@dataclass
+class Fp32Target:
+    """No conversion: the exported graph under ONNX Runtime's own optimizations."""
+
+    name: str = "fp32"
+    precision: str = "fp32"
+
+    def build(self, model: onnx.ModelProto, keep: Sequence[str]) -> onnx.ModelProto:
+        return model
+
+    def candidates(self, model: onnx.ModelProto, converted: onnx.ModelProto) -> list[str]:
+        return []
+
+    def excluded_ops(self, model: onnx.ModelProto) -> list[str]:
+        return []
+
+    def ran_fp32(self, executed: dict[str, Any]) -> bool:
+        return True
+
+
+def _quantize(model: onnx.ModelProto, run: Any) -> onnx.ModelProto:
+    """Run an onnxruntime.quantization entry point that writes a file, and load the result.
+
+    The quantizer logs on the root logger (a pre-processing hint per call, every skipped MatMul);
+    those lines are silenced for the call. It also saves a ModelProto it is given with external data
+    (onnxruntime 1.31), which rewrites that proto's initializers into references to files it then
+    deletes, so it gets a copy.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "quantized.onnx"
+            run(copy, out)
+            return onnx.load(str(out))
+    finally:
+        root.setLevel(level)
+
+
+_INT8_OPS = ["MatMul", "Gemm", "Conv", "Gather", "Attention", "LSTM", "EmbedLayerNormalization"]
+_STATIC_OPS = ["MatMul", "Gemm", "Conv"]
+
+
+@dataclass
+class Int8DynamicTarget:
+    """int8 weights (per output channel) with activations quantized at run time; ops in `_INT8_OPS`."""
+
+    name: str = "int8-dynamic"
+    precision: str = "int8"
+
+    def build(self, model: onnx.ModelProto, keep: Sequence[str]) -> onnx.ModelProto:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        def run(m: onnx.ModelProto, out: Path) -> None:
+            quantize_dynamic(m, out, per_channel=True, weight_type=QuantType.QInt8,
+                             op_types_to_quantize=_INT8_OPS, nodes_to_exclude=list(keep),
+                             extra_options={"MatMulConstBOnly": True})
+
+        return _quantize(model, run)
+
+    def candidates(self, model: onnx.ModelProto, converted: onnx.ModelProto) -> list[str]:
+        return _replaced(model, converted, _INT8_OPS)
+
+    def excluded_ops(self, model: onnx.ModelProto) -> list[str]:
+        return sorted({n.op_type for n in model.graph.node if n.op_type not in _INT8_OPS})
+
+    def ran_fp32(self, executed: dict[str, Any]) -> bool:
+        return _int_free(executed)
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader over in-memory feeds."""
+
+    def __init__(self, feeds: Sequence[Feeds]) -> None:
+        self._it: Iterator[Feeds] = iter(feeds)
+
+    def get_next(self) -> Feeds | None:
+        return next(self._it, None)
+
+
+@dataclass
+class Int8StaticTarget:
+    """int8 QDQ (U8S8, weights per channel) with activation ranges calibrated on `calibration`."""
+
+    calibration: Sequence[Feeds] = field(default_factory=list)
+    name: str = "int8-static"
+    precision: str = "int8"
+
+    def build(self, model: onnx.ModelProto, keep: Sequence[str]) -> onnx.ModelProto:
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+        if not self.calibration:
+            raise ValueError("int8-static needs calibration batches")
+
+        def run(m: onnx.ModelProto, out: Path) -> None:
+            quantize_static(m, out, _Reader(self.calibration), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            op_types_to_quantize=_STATIC_OPS, nodes_to_exclude=list(keep),
+                            extra_options={"MatMulConstBOnly": True})
+
+        return _quantize(model, run)
+
+    def candidates(self, model: onnx.ModelProto, converted: onnx.ModelProto) -> list[str]:
+        return _replaced(model, converted, _STATIC_OPS)
+
+    def excluded_ops(self, model: onnx.ModelProto) -> list[str]:
+        return sorted({n.op_type for n in model.graph.node if n.op_type not in _STATIC_OPS})
+
+    def ran_fp32(self, executed: dict[str, Any]) -> bool:
+        return _int_free(executed)
+
+
+@dataclass
+class LowFloatTarget:
+    """fp16 or bf16 everywhere except the kept nodes, which form an FP32 island with explicit casts."""
+
+    name: str = "fp16"
+    precision: str = "fp16"
+    keep_ops: tuple[str, ...] = ()
+
+    def build(self, model: onnx.ModelProto, keep: Sequence[str]) -> onnx.ModelProto:
+        return convert_low_precision(model, self.precision, keep, self.keep_ops)
+
+    def candidates(self, model: onnx.ModelProto, converted: onnx.ModelProto) -> list[str]:
+        floats = float_tensors(model)
+        fixed = {"Constant", "ConstantOfShape", "Shape", "Size", "EyeLike"} | set(self.keep_ops)
+        return [n.name for n in model.graph.node
+                if n.op_type not in fixed and any(t in floats for t in [*n.input, *n.output])]
+
+    def excluded_ops(self, model: onnx.ModelProto) -> list[str]:
+        return sorted(set(self.keep_ops) & {n.op_type for n in model.graph.node})
+
+    def ran_fp32(self, executed: dict[str, Any]) -> bool:
+        return not any(t in LOW_FLOAT_TYPES for t in [*executed["inputs"], *executed["outputs"]])
+
+
+def get_target(name: str, calibration: Sequence[Feeds] = ()) -> Target:
+    """The target called `name` (see `TARGETS`); int8-static takes the calibration batches."""
+    if name not in TARGETS:
+        raise ValueError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)}")
+    if name == "int8-static":
+        return Int8StaticTarget(calibration=list(calibration))
+    return TARGETS[name]
+
+
+TARGETS: dict[str, Target] = {
+    "fp32": Fp32Target(),
+    "int8-dynamic": Int8DynamicTarget(),
+    "int8-static": Int8StaticTarget(),
+    "fp16": LowFloatTarget("fp16", "fp16"),
+    "bf16": LowFloatTarget("bf16", "bf16"),
+}
