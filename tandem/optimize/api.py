@@ -85,8 +85,8 @@ def resolve_provider(provider: str) -> str:
 
 
 def default_targets(provider: str) -> tuple[str, ...]:
-    """int8 (dynamic) on CPU, where VNNI makes it pay; fp16 on GPUs."""
-    return ("int8-dynamic",) if provider == "CPUExecutionProvider" else ("fp16",)
+    """int8 (dynamic, plain and smoothed) on CPU, where VNNI makes it pay; fp16 on GPUs."""
+    return ("int8-dynamic", "int8-smooth") if provider == "CPUExecutionProvider" else ("fp16",)
 
 
 def versions() -> dict[str, str]:
@@ -156,8 +156,9 @@ class _Run:
         self.one, self.big = _timing_feeds(self.calib)
         self.fp32_timing = self.time(model)
 
-    def time(self, model: onnx.ModelProto) -> Timing:
-        return time_session(make_session(model, self.provider, self.settings.threads), self.one, self.big)
+    def time(self, model: onnx.ModelProto, precision: str = "fp32") -> Timing:
+        session = make_session(model, self.provider, self.settings.threads, precision=precision)
+        return time_session(session, self.one, self.big)
 
     def search(self, name: str) -> tuple[Diagnosis, onnx.ModelProto]:
         target = get_target(name, self.calib)
@@ -175,13 +176,14 @@ class _Run:
     def result(self, name: str, d: Diagnosis, wall: float) -> PrecisionResult:
         keep = d.best.keep
         after = errors_after(self.model, d.best.model, keep, self.calib, self.settings) if keep else {}
+        target = get_target(name)  # the registry's instance: precision and op lists need no calibration
         res = PrecisionResult(
             target=name, provider=self.provider, tolerance=self.options.tolerance, met=d.best.passed,
             fp32_nodes=_fp32_nodes(self.model, keep, d.node_errors, d.ranked, after),
-            excluded_ops=get_target(name, self.calib).excluded_ops(self.model), outputs=d.best.errors,
+            excluded_ops=target.excluded_ops(self.model), outputs=d.best.errors,
             node_errors=d.node_errors, candidates=d.candidates, search=d.steps, fp32_timing=self.fp32_timing,
-            timing=self.time(d.best.model), versions=versions(), wall_s=wall, instrumented_s=d.instrumented_s,
-            verified_fp32=not d.problems)
+            timing=self.time(d.best.model, target.precision), versions=versions(), wall_s=wall,
+            instrumented_s=d.instrumented_s, verified_fp32=not d.problems)
         notes = [f"FP32 node {n} did not run in FP32: {p}" for n, p in d.problems.items()]
         if not res.met:
             notes.append(f"tolerance not met: the closest model (k={len(keep)}) is "

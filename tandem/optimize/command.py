@@ -27,8 +27,8 @@ _Calib = Annotated[Path | None, typer.Option(
     help="Calibration data: JSONL request bodies or a folder of request files (entries; default: the "
          "entry's calibration.jsonl), or an .npz of inputs (.onnx files)")]
 _Target = Annotated[list[str] | None, typer.Option(
-    "--target", "-t", help="int8-dynamic, int8-static, fp16, bf16 (repeatable; default: int8-dynamic on CPU, "
-                           "fp16 on GPU)")]
+    "--target", "-t", help="int8-dynamic, int8-smooth, int8-static, fp16, bf16 (repeatable; default: "
+                           "int8-dynamic and int8-smooth on CPU, fp16 on GPU)")]
 _Stat = Annotated[str, typer.Option(help="Statistic checked per output: mean, median or max")]
 _Plan = Annotated[Path | None, typer.Option(help="Re-apply this precision.yaml instead of searching")]
 _Entry = Annotated[Path | None, typer.Option(
@@ -58,7 +58,7 @@ def _table(outcome: Outcome) -> Table:
     for r in outcome.results:
         worst = max(r.outputs, key=lambda e: e.abs_err)
         cos = f"{worst.cosine_mean:.4f}/{worst.cosine_min:.4f}" if worst.cosine_mean is not None else "-"
-        verdict = "chosen" if outcome.chosen is r else "refused"
+        verdict = "chosen" if outcome.chosen is r else "refused" if r.target in outcome.refused else "passed, slower"
         table.add_row(r.target, verdict, f"{len(r.fp32_nodes)} of {r.candidates}",
                       f"{r.tolerance.stat} abs {worst.abs_err:.3g} ({'met' if r.met else 'MISSED'})", cos,
                       f"{r.speedup or 0:.2f}x", "yes" if r.verified_fp32 else "NO")
@@ -82,6 +82,7 @@ def optimize(
     entry_name: Annotated[str | None, typer.Option(help="Name of the written entry (default: its folder name)")] = None,
     max_fp32_nodes: Annotated[int | None, typer.Option(help="Largest FP32 set worth having")] = None,
     instrument_batches: Annotated[int, typer.Option(help="Calibration batches in the instrumented pass")] = 4,
+    prune_runs: Annotated[int, typer.Option(help="Verification runs spent dropping members of the set found")] = 2,
     progress: Annotated[bool, typer.Option(help="Show the search's progress bar")] = True,
 ) -> None:
     """Convert a model to int8/fp16/bf16 on ONNX Runtime, keeping just the nodes that must stay FP32."""
@@ -101,7 +102,8 @@ def optimize(
         source = _source(src, calibration, out, batch_size, limit)
         options = OptimizeOptions(tuple(target or ()), Tolerance(atol, rtol, check_error_stat),  # type: ignore[arg-type]
                                   provider, threads, plan=plan, progress=progress,
-                                  max_fp32_nodes=max_fp32_nodes, instrument_batches=instrument_batches)
+                                  max_fp32_nodes=max_fp32_nodes, instrument_batches=instrument_batches,
+                                  prune_runs=prune_runs)
         outcome = optimize_onnx(source.model, source.calibration, out, options, source=source.name)
         console.print(_table(outcome))
         for name, why in outcome.refused.items():

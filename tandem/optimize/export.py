@@ -379,8 +379,18 @@ def _export_one(which: str, wrapper: _Positional, plan: _Plan, path: Path, opset
         _name_graph(model, plan.signature, rename_inputs=which == "dynamo")
     except Exception as exc:
         raise _Failure(which, "export", _summary(exc), _unsupported_op(exc)) from exc
+    _drop_initializer_value_info(model)
     save_onnx(model, path)
     return model
+
+
+def _drop_initializer_value_info(model: onnx.ModelProto) -> None:
+    """The dynamo exporter also lists weights in value_info; onnxruntime's quantizer transposes a Gemm
+    weight and then fails shape inference against that stale entry ("differ in dimension 0")."""
+    weights = {i.name for i in model.graph.initializer}
+    kept = [v for v in model.graph.value_info if v.name not in weights]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
 
 
 def _export_dynamo(wrapper: _Positional, args: tuple[torch.Tensor, ...], signature: GraphSignature,

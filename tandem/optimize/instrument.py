@@ -13,6 +13,7 @@ Two graphs run over the same calibration batches:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import onnx
@@ -23,9 +24,18 @@ from tandem.optimize.lowp import float_tensors
 from tandem.optimize.runtime import Feeds, expose_outputs, make_session, run_batches
 from tandem.optimize.types import NodeError
 
-__all__ = ["accumulate", "local_graph", "node_errors"]
+__all__ = ["accumulate", "local_graph", "node_cost", "node_errors"]
 
 _LOCAL = "__local"
+# Ops whose run time grows with their weights; keeping one in FP32 costs that much speed.
+_COMPUTE_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Attention", "LSTM", "GRU", "RNN"}
+
+
+def node_cost(node: onnx.NodeProto, dims: dict[str, list[int]]) -> float:
+    """Weight elements a node multiplies per output row: what keeping it in FP32 costs in speed."""
+    if node.op_type not in _COMPUTE_OPS:
+        return 0.0
+    return float(sum(math.prod(dims[i]) for i in node.input if i in dims and len(dims[i]) >= 2))
 
 
 def _types(model: onnx.ModelProto) -> dict[str, int]:
@@ -172,6 +182,7 @@ def node_errors(model: onnx.ModelProto, converted: onnx.ModelProto, candidates: 
     acc = accumulate(model, converted, tensors, batches, provider, threads)
     local = _local_errors(model, converted, candidates, batches, provider, threads)
     is_candidate, produced = set(candidates), dict[str, float]()
+    dims = {i.name: list(i.dims) for i in model.graph.initializer}
     result = []
     for index, node in enumerate(model.graph.node):
         errs = [e for t in node.output if (e := acc.error(t)) is not None]
@@ -182,5 +193,6 @@ def node_errors(model: onnx.ModelProto, converted: onnx.ModelProto, candidates: 
         produced.update({t: error for t in node.output})
         own = [local[t] for t in node.output if t in local]
         growth = max(own) if own else error - upstream
-        result.append(NodeError(node.name, node.op_type, index, error, growth, node.name in is_candidate))
+        result.append(NodeError(node.name, node.op_type, index, error, growth, node.name in is_candidate,
+                                node_cost(node, dims)))
     return result

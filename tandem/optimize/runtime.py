@@ -21,8 +21,8 @@ import onnx
 from tandem.errors import OptimizeError
 from tandem.optimize.types import Timing
 
-__all__ = ["Feeds", "available_providers", "expose_outputs", "make_session", "profile_nodes", "run_batches",
-           "time_session"]
+__all__ = ["Feeds", "available_providers", "expose_outputs", "make_session", "profile_nodes", "provider_chain",
+           "run_batches", "time_session"]
 
 Feeds = dict[str, np.ndarray]
 _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
@@ -52,13 +52,29 @@ def _options(threads: int, level: str, optimized_path: Path | None, profile_pref
     return so
 
 
+def provider_chain(provider: str, precision: str = "fp32") -> list[Any]:
+    """`provider` with its fall-backs; TensorRT gets the builder flag for the target's precision.
+
+    TensorRT decides layer precisions itself once fp16 is allowed and may ignore the FP32 casts
+    (TensorRT #2080, #3224): `confirm_fp32` cannot see inside its engines and says so.
+    """
+    if provider == "CPUExecutionProvider":
+        return [provider]
+    chain: list[Any] = [provider]
+    if provider == "TensorrtExecutionProvider":
+        chain = [(provider, {"trt_fp16_enable": precision == "fp16", "trt_bf16_enable": precision == "bf16",
+                             "trt_engine_cache_enable": False})]
+        chain.append("CUDAExecutionProvider")
+    return [*chain, "CPUExecutionProvider"]
+
+
 def make_session(model: onnx.ModelProto | Path, provider: str = "CPUExecutionProvider", threads: int = 0,
                  *, level: str = "all", optimized_path: Path | None = None,
-                 profile_prefix: str | None = None) -> Any:
+                 profile_prefix: str | None = None, precision: str = "fp32") -> Any:
     """An InferenceSession on `provider` (with the CPU provider behind it for unsupported nodes)."""
     import onnxruntime as ort
 
-    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    providers = provider_chain(provider, precision)
     so = _options(threads, level, optimized_path, profile_prefix)
     try:
         if isinstance(model, Path):

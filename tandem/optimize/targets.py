@@ -6,6 +6,7 @@ whether a node really ran in FP32. Targets are looked up by name in `TARGETS`.
 
     fp32           ONNX Runtime's graph optimizations only (the baseline every target must beat)
     int8-dynamic   int8 weights per channel, activations quantized at run time (MatMul, Gemm, Conv, Gather)
+    int8-smooth    int8-dynamic after SmoothQuant moved activation outliers into the weights
     int8-static    int8 QDQ with activation ranges calibrated on the calibration set
     fp16, bf16     every float node in the low type, kept nodes in an FP32 island with explicit casts
 """
@@ -23,6 +24,7 @@ import onnx
 
 from tandem.optimize.lowp import convert_low_precision, float_tensors
 from tandem.optimize.runtime import Feeds
+from tandem.optimize.smooth import DEFAULT_ALPHA, smooth_matmuls
 
 __all__ = ["TARGETS", "Target", "get_target"]
 
@@ -108,6 +110,13 @@ def _quantize(model: onnx.ModelProto, run: Any) -> onnx.ModelProto:
         root.setLevel(level)
 
 
+def _exclusions(keep: Sequence[str]) -> list[str]:
+    """Node names to exclude from quantization: the quantizer first rewrites a Gemm into `<name>_MatMul`
+    + `<name>_Add` and then matches exclusions against the new names, so a kept Gemm was quantized
+    anyway (onnxruntime 1.31; the doctor's FP32 check found it on ResNet-50's classifier)."""
+    return [*keep, *(f"{k}_MatMul" for k in keep)]
+
+
 _INT8_OPS = ["MatMul", "Gemm", "Conv", "Gather", "Attention", "LSTM", "EmbedLayerNormalization"]
 _STATIC_OPS = ["MatMul", "Gemm", "Conv"]
 
@@ -124,7 +133,7 @@ class Int8DynamicTarget:
 
         def run(m: onnx.ModelProto, out: Path) -> None:
             quantize_dynamic(m, out, per_channel=True, weight_type=QuantType.QInt8,
-                             op_types_to_quantize=_INT8_OPS, nodes_to_exclude=list(keep),
+                             op_types_to_quantize=_INT8_OPS, nodes_to_exclude=_exclusions(keep),
                              extra_options={"MatMulConstBOnly": True})
 
         return _quantize(model, run)
@@ -134,6 +143,36 @@ class Int8DynamicTarget:
 
     def excluded_ops(self, model: onnx.ModelProto) -> list[str]:
         return sorted({n.op_type for n in model.graph.node if n.op_type not in _INT8_OPS})
+
+    def ran_fp32(self, executed: dict[str, Any]) -> bool:
+        return _int_free(executed)
+
+
+@dataclass
+class Int8SmoothTarget:
+    """SmoothQuant (see smooth.py) folded in, then `int8-dynamic`; the factors come from `calibration`."""
+
+    calibration: Sequence[Feeds] = field(default_factory=list)
+    alpha: float = DEFAULT_ALPHA
+    name: str = "int8-smooth"
+    precision: str = "int8"
+    _cache: tuple[onnx.ModelProto, onnx.ModelProto] | None = field(default=None, repr=False)
+
+    def smoothed(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        if self._cache is None or self._cache[0] is not model:
+            if not self.calibration:
+                raise ValueError("int8-smooth needs calibration batches")
+            self._cache = (model, smooth_matmuls(model, self.calibration, self.alpha))
+        return self._cache[1]
+
+    def build(self, model: onnx.ModelProto, keep: Sequence[str]) -> onnx.ModelProto:
+        return Int8DynamicTarget().build(self.smoothed(model), keep)
+
+    def candidates(self, model: onnx.ModelProto, converted: onnx.ModelProto) -> list[str]:
+        return _replaced(model, converted, _INT8_OPS)
+
+    def excluded_ops(self, model: onnx.ModelProto) -> list[str]:
+        return Int8DynamicTarget().excluded_ops(model)
 
     def ran_fp32(self, executed: dict[str, Any]) -> bool:
         return _int_free(executed)
@@ -166,7 +205,7 @@ class Int8StaticTarget:
         def run(m: onnx.ModelProto, out: Path) -> None:
             quantize_static(m, out, _Reader(self.calibration), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            op_types_to_quantize=_STATIC_OPS, nodes_to_exclude=list(keep),
+                            op_types_to_quantize=_STATIC_OPS, nodes_to_exclude=_exclusions(keep),
                             extra_options={"MatMulConstBOnly": True})
 
         return _quantize(model, run)
@@ -211,12 +250,15 @@ def get_target(name: str, calibration: Sequence[Feeds] = ()) -> Target:
         raise ValueError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)}")
     if name == "int8-static":
         return Int8StaticTarget(calibration=list(calibration))
+    if name == "int8-smooth":
+        return Int8SmoothTarget(calibration=list(calibration))
     return TARGETS[name]
 
 
 TARGETS: dict[str, Target] = {
     "fp32": Fp32Target(),
     "int8-dynamic": Int8DynamicTarget(),
+    "int8-smooth": Int8SmoothTarget(),
     "int8-static": Int8StaticTarget(),
     "fp16": LowFloatTarget("fp16", "fp16"),
     "bf16": LowFloatTarget("bf16", "bf16"),

@@ -207,3 +207,53 @@ def test_plan_for_another_model_is_refused(model, calib, tmp_path):
 def test_targets_are_a_registry(model):
     with pytest.raises(ValueError, match="unknown target"):
         get_target("int4")
+
+
+def test_smoothquant_is_exact_in_fp32_and_fixes_the_outlier_layer(model, calib, refs):
+    from tandem.optimize.smooth import smooth_matmuls
+
+    smoothed = smooth_matmuls(model, calib, threads=1)
+    muls = [n for n in smoothed.graph.node if n.name.endswith("__smooth_mul")]
+    assert len(muls) == 4  # one per activation read by a weighted MatMul
+    got = run_batches(make_session(smoothed, threads=1), calib)
+    for r, g in zip(refs, got):
+        np.testing.assert_allclose(g["output"], r["output"], rtol=1e-4, atol=1e-4 * np.abs(r["output"]).max())
+    plain = evaluate(model, get_target("int8-dynamic"), [], calib, refs, settings(Tolerance()))
+    smooth = evaluate(model, get_target("int8-smooth", calib), [], calib, refs, settings(Tolerance()))
+    assert smooth.errors[0].abs_err < plain.errors[0].abs_err / 2
+    # The FP32 set of the smoothed target still names the original nodes, and they stay FP32.
+    target = get_target("int8-smooth", calib)
+    l2 = matmul_reading(model, "l2")
+    kept = evaluate(model, target, [l2], calib, refs, settings(Tolerance()))
+    assert confirm_fp32(target, kept.model, [l2], calib[0], settings(Tolerance())) == {}
+
+
+def test_python_api_from_a_torch_module(calib, tmp_path):
+    import tandem.optimize as opt
+
+    assert sorted(opt.__all__) == sorted(["OptimizeOptions", "Outcome", "PrecisionResult", "Source", "Tolerance",
+                                          "entry_source", "module_source", "onnx_source", "optimize_onnx"])
+    source = opt.module_source(Outlier().eval(), {"x": torch.randn(2, 8, 64)}, calib, tmp_path, name="outlier")
+    assert source.exporter in ("dynamo", "torchscript")
+    outcome = opt.optimize_onnx(source.model, source.calibration, tmp_path, opt.OptimizeOptions(
+        ("int8-dynamic",), opt.Tolerance(atol=1.0), threads=1, progress=False, min_speedup=0.0))
+    assert outcome.chosen is not None and outcome.artefact.exists()
+    got = run_batches(make_session(outcome.artefact, threads=1), calib[:1])[0]["output"]
+    assert got.shape == (8, 16, 32)
+
+
+def test_a_kept_gemm_stays_fp32_although_the_quantizer_renames_it(tmp_path, calib):
+    """onnxruntime's quantizer rewrites Gemm to <name>_MatMul before applying exclusions by name."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 16)).eval()
+    export_module(net, {"input": torch.randn(4, 64)}, tmp_path / "mlp.onnx", exporter="torchscript")
+    mlp = onnx.load(str(tmp_path / "mlp.onnx"))
+    gemms = [n.name for n in mlp.graph.node if n.op_type == "Gemm"]
+    assert len(gemms) == 2
+    feeds = [{"input": f["x"][:, 0, :]} for f in calib]
+    target = get_target("int8-dynamic")
+    built = target.build(mlp, [gemms[1]])
+    assert sum(n.op_type == "MatMulInteger" for n in built.graph.node) == 1  # only the first one
+    assert confirm_fp32(target, built, [gemms[1]], feeds[0], settings(Tolerance())) == {}
+    problems = confirm_fp32(target, built, [gemms[0]], feeds[0], settings(Tolerance()))
+    assert "MatMulInteger" in problems[gemms[0]]
