@@ -244,18 +244,23 @@ def run_model(name: str, entry_name: str, heldout: list[Feeds], calib: list[Feed
 
 
 def measure(name: str, systems: dict[str, Runner], heldout: list[Feeds], args: argparse.Namespace) -> dict[str, Any]:
+    """Accuracy on every held-out item, then throughput in interleaved rounds (one pass of each system
+    per round, best round kept), so a slow drift of this shared VM does not favour whoever ran first."""
     ref = outputs(systems["torch eager fp32"], heldout)
     ones = singles(heldout, args.singles)
-    table = {}
+    table: dict[str, dict[str, Any]] = {}
     for label, run in systems.items():
         got = outputs(run, heldout)
-        row: dict[str, Any] = {"b32": throughput(run, heldout, args.passes), "b1": throughput(run, ones, 1)}
         if name == "minilm":
             cos = cosines(ref, got)
-            row.update(cos_mean=float(cos.mean()), cos_min=float(cos.min()))
+            table[label] = {"cos_mean": float(cos.mean()), "cos_min": float(cos.min())}
         else:
-            row.update(top1=float((ref.argmax(1) == got.argmax(1)).mean()))
-        table[label] = row
+            table[label] = {"top1": float((ref.argmax(1) == got.argmax(1)).mean())}
+    for key, feeds in (("b32", heldout), ("b1", ones)):
+        for _ in range(args.passes):
+            for label, run in systems.items():
+                table[label][key] = max(table[label].get(key, 0.0), throughput(run, feeds, 1))
+    for label, row in table.items():
         print(f"[{name}] {label}: {json.dumps(row)}", flush=True)
     base = table["torch eager fp32"]
     for row in table.values():
@@ -334,7 +339,7 @@ def main() -> None:
     print_tables(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
-    print(f"\nartefacts in {work}; fastest of {args.passes} passes; threads={args.threads}")
+    print(f"\nartefacts in {work}; best of {args.passes} interleaved rounds; threads={args.threads}")
 
 
 if __name__ == "__main__":

@@ -146,14 +146,28 @@ class Search:
         return best if best.passed else min(self.tried.values(), key=lambda e: (e.worst, len(e.keep)))
 
     def prune(self, best: Evaluation) -> Evaluation:
-        """Try dropping the lowest-ranked members (except the last one added, proven needed)."""
+        """Drop what the ranking over-included, lowest-ranked first, in halving chunks.
+
+        The last member added is proven needed (one fewer failed) and stays. A chunk whose removal
+        still passes is gone for good; a failing chunk is halved; `prune_runs` bounds the runs.
+        """
         if not best.passed or len(best.keep) < 2:
             return best
         keep = list(best.keep)
-        for name in list(reversed(keep[:-1]))[: self.settings.prune_runs]:
-            trial = self.run_set([k for k in keep if k != name])
+        droppable = list(reversed(keep[:-1]))
+        chunk = max(1, len(droppable) // 2)
+        for _ in range(self.settings.prune_runs):
+            if not droppable:
+                break
+            part = set(droppable[:chunk])
+            trial = self.run_set([k for k in keep if k not in part])
             if trial.passed:
-                keep, best = trial.keep, trial
+                keep, best, droppable = trial.keep, trial, droppable[chunk:]
+                chunk = min(chunk, max(1, len(droppable)))
+            elif chunk > 1:
+                chunk //= 2
+            else:
+                droppable = droppable[1:]
         return best
 
 
