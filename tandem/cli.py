@@ -24,7 +24,7 @@ from tandem.optimize.command import register as register_optimize
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Tandem: serve and accelerate AI models on whatever compute this machine has.")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # error lines carry paths: never wrap them
 
 
 def parse_lora_adapters(spec: str | None) -> dict[str, str]:

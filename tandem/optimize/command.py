@@ -81,6 +81,7 @@ def optimize(
     write_entry: _Entry = None,
     entry_name: Annotated[str | None, typer.Option(help="Name of the written entry (default: its folder name)")] = None,
     max_fp32_nodes: Annotated[int | None, typer.Option(help="Largest FP32 set worth having")] = None,
+    min_speedup: Annotated[float, typer.Option(help="Throughput over FP32 an artefact needs to be chosen")] = 1.05,
     instrument_batches: Annotated[int, typer.Option(help="Calibration batches in the instrumented pass")] = 4,
     prune_runs: Annotated[int, typer.Option(help="Verification runs spent dropping members of the set found")] = 2,
     progress: Annotated[bool, typer.Option(help="Show the search's progress bar")] = True,
@@ -103,7 +104,7 @@ def optimize(
         options = OptimizeOptions(tuple(target or ()), Tolerance(atol, rtol, check_error_stat),  # type: ignore[arg-type]
                                   provider, threads, plan=plan, progress=progress,
                                   max_fp32_nodes=max_fp32_nodes, instrument_batches=instrument_batches,
-                                  prune_runs=prune_runs)
+                                  prune_runs=prune_runs, min_speedup=min_speedup)
         outcome = optimize_onnx(source.model, source.calibration, out, options, source=source.name)
         console.print(_table(outcome))
         for name, why in outcome.refused.items():
