@@ -13,8 +13,8 @@ Two graphs run over the same calibration batches:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from typing import Any
 
 import onnx
 from onnx import helper
@@ -24,18 +24,9 @@ from tandem.optimize.lowp import float_tensors
 from tandem.optimize.runtime import Feeds, expose_outputs, make_session, run_batches
 from tandem.optimize.types import NodeError
 
-__all__ = ["accumulate", "local_graph", "node_cost", "node_errors"]
+__all__ = ["accumulate", "local_graph", "node_errors"]
 
 _LOCAL = "__local"
-# Ops whose run time grows with their weights; keeping one in FP32 costs that much speed.
-_COMPUTE_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Attention", "LSTM", "GRU", "RNN"}
-
-
-def node_cost(node: onnx.NodeProto, dims: dict[str, list[int]]) -> float:
-    """Weight elements a node multiplies per output row: what keeping it in FP32 costs in speed."""
-    if node.op_type not in _COMPUTE_OPS:
-        return 0.0
-    return float(sum(math.prod(dims[i]) for i in node.input if i in dims and len(dims[i]) >= 2))
 
 
 def _types(model: onnx.ModelProto) -> dict[str, int]:
@@ -144,6 +135,22 @@ def local_graph(model: onnx.ModelProto, converted: onnx.ModelProto,
     return combined, pairs
 
 
+def _run_pairs(ref_session: Any, got_session: Any, names: Sequence[str], pairs: dict[str, str],
+               batches: Sequence[Feeds]) -> tuple[NodeErrorAccumulator, NodeErrorAccumulator]:
+    """Per batch, one run of each session: `names` compared across the two sessions (propagated error),
+    and each `pairs` key compared with its local copy inside the reference session (local error)."""
+    propagated, local = NodeErrorAccumulator(), NodeErrorAccumulator()
+    wanted = [*dict.fromkeys([*names, *pairs, *pairs.values()])]
+    for feed in batches:
+        ref = run_batches(ref_session, [feed], wanted)[0]
+        got = run_batches(got_session, [feed], names)[0] if names else {}
+        for name in names:
+            propagated.add(name, ref[name], got[name])
+        for name, copy in pairs.items():
+            local.add(name, ref[name], ref[copy])
+    return propagated, local
+
+
 def accumulate(model: onnx.ModelProto, converted: onnx.ModelProto, names: Sequence[str],
                batches: Sequence[Feeds], provider: str, threads: int) -> NodeErrorAccumulator:
     """Run both graphs with `names` as extra outputs and accumulate each tensor's error."""
@@ -151,38 +158,26 @@ def accumulate(model: onnx.ModelProto, converted: onnx.ModelProto, names: Sequen
     names = [n for n in names if n in have]
     ref_session = make_session(expose_outputs(model, names), provider, threads)
     got_session = make_session(expose_outputs(converted, names), provider, threads)
-    acc = NodeErrorAccumulator()
-    for feed in batches:
-        ref = run_batches(ref_session, [feed], names)[0]
-        got = run_batches(got_session, [feed], names)[0]
-        for name in names:
-            acc.add(name, ref[name], got[name])
-    return acc
-
-
-def _local_errors(model: onnx.ModelProto, converted: onnx.ModelProto, candidates: Sequence[str],
-                  batches: Sequence[Feeds], provider: str, threads: int) -> dict[str, float]:
-    combined, pairs = local_graph(model, converted, candidates)
-    wanted = [*pairs, *pairs.values()]
-    session = make_session(expose_outputs(combined, wanted), provider, threads)
-    acc = NodeErrorAccumulator()
-    for feed in batches:
-        values = run_batches(session, [feed], wanted)[0]
-        for ref, local in pairs.items():
-            acc.add(ref, values[ref], values[local])
-    return {t: e for t in pairs if (e := acc.error(t)) is not None}
+    return _run_pairs(ref_session, got_session, names, {}, batches)[0]
 
 
 def node_errors(model: onnx.ModelProto, converted: onnx.ModelProto, candidates: Sequence[str],
                 batches: Sequence[Feeds], provider: str, threads: int) -> list[NodeError]:
-    """Per node in graph order: the propagated error of its output, and the error it adds (`growth`)."""
+    """Per node in graph order: the propagated error of its output, and the error it adds (`growth`).
+
+    The local graph holds the whole FP32 graph, so its run gives the reference tensors for both
+    comparisons: the FP32 graph runs once per batch, not twice.
+    """
     floats = float_tensors(model)
     outputs = {o.name for o in model.graph.output}
-    tensors = [t for n in model.graph.node for t in n.output if t in floats and t not in outputs]
-    acc = accumulate(model, converted, tensors, batches, provider, threads)
-    local = _local_errors(model, converted, candidates, batches, provider, threads)
+    have = {t for n in converted.graph.node for t in n.output}
+    tensors = [t for n in model.graph.node for t in n.output if t in floats and t not in outputs and t in have]
+    combined, pairs = local_graph(model, converted, candidates)
+    ref_session = make_session(expose_outputs(combined, [*tensors, *pairs, *pairs.values()]), provider, threads)
+    got_session = make_session(expose_outputs(converted, tensors), provider, threads)
+    acc, local_acc = _run_pairs(ref_session, got_session, tensors, pairs, batches)
+    local = {t: e for t in pairs if (e := local_acc.error(t)) is not None}
     is_candidate, produced = set(candidates), dict[str, float]()
-    dims = {i.name: list(i.dims) for i in model.graph.initializer}
     result = []
     for index, node in enumerate(model.graph.node):
         errs = [e for t in node.output if (e := acc.error(t)) is not None]
@@ -193,6 +188,5 @@ def node_errors(model: onnx.ModelProto, converted: onnx.ModelProto, candidates: 
         produced.update({t: error for t in node.output})
         own = [local[t] for t in node.output if t in local]
         growth = max(own) if own else error - upstream
-        result.append(NodeError(node.name, node.op_type, index, error, growth, node.name in is_candidate,
-                                node_cost(node, dims)))
+        result.append(NodeError(node.name, node.op_type, index, error, growth, node.name in is_candidate))
     return result

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["LOW_TYPES", "convert_low_precision", "float_tensors"]
+__all__ = ["LOW_TYPES", "convert_low_precision", "float_tensors", "low_nodes"]
 
 LOW_TYPES = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 FLOAT = TensorProto.FLOAT
@@ -48,6 +48,12 @@ def _runs_low(node: onnx.NodeProto, keep: set[str], keep_ops: set[str], floats: 
         return False
     touches_float = any(t in floats for t in [*node.input, *node.output])
     return touches_float
+
+
+def low_nodes(model: onnx.ModelProto, keep_ops: Iterable[str] = ()) -> list[str]:
+    """Names of the nodes `convert_low_precision` runs in the low type when nothing is kept by name."""
+    floats, ops = float_tensors(model), set(keep_ops)
+    return [n.name for n in model.graph.node if _runs_low(n, set(), ops, floats)]
 
 
 def _to_low(array: np.ndarray, low: int) -> TensorProto:

@@ -22,7 +22,7 @@ from tandem.errors import OptimizeError
 from tandem.optimize.types import Timing
 
 __all__ = ["Feeds", "available_providers", "expose_outputs", "make_session", "profile_nodes", "provider_chain",
-           "run_batches", "time_session"]
+           "run_batches", "session_options", "time_session"]
 
 Feeds = dict[str, np.ndarray]
 _LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
@@ -36,14 +36,21 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
-def _options(threads: int, level: str, optimized_path: Path | None, profile_prefix: str | None) -> Any:
+def session_options(threads: int, level: str = "all") -> Any:
+    """ONNX Runtime options as Tandem runs every session: `threads` intra-op, one inter-op thread, and
+    graph optimization `level` (disable | basic | extended | all). The serving runtime uses them too."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    so.log_severity_level = 3
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[level])
+    return so
+
+
+def _options(threads: int, level: str, optimized_path: Path | None, profile_prefix: str | None) -> Any:
+    so = session_options(threads, level)
+    so.log_severity_level = 3
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
     if profile_prefix is not None:

@@ -13,16 +13,17 @@ whether a node really ran in FP32. Targets are looked up by name in `TARGETS`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import onnx
 
-from tandem.optimize.lowp import convert_low_precision, float_tensors
+from tandem.optimize.lowp import convert_low_precision, low_nodes
 from tandem.optimize.runtime import Feeds
 from tandem.optimize.smooth import DEFAULT_ALPHA, smooth_matmuls
 
@@ -62,10 +63,6 @@ def _replaced(model: onnx.ModelProto, converted: onnx.ModelProto, ops: Sequence[
         if node.name not in after or f"{node.name}_quant" in after or after[node.name] != list(node.input):
             out.append(node.name)
     return out
-
-
-def _int_free(executed: dict[str, Any]) -> bool:
-    return executed["op"] not in QUANTIZED_OPS and not any(t in ("int8", "uint8") for t in executed["inputs"])
 
 
 @dataclass
@@ -121,12 +118,29 @@ _INT8_OPS = ["MatMul", "Gemm", "Conv", "Gather", "Attention", "LSTM", "EmbedLaye
 _STATIC_OPS = ["MatMul", "Gemm", "Conv"]
 
 
+class _Int8:
+    """What every int8 target shares: its candidates are the nodes of `ops` the quantizer rewrote, and
+    a kept node must not run as an integer kernel."""
+
+    ops: ClassVar[list[str]]
+    precision = "int8"
+
+    def candidates(self, model: onnx.ModelProto, converted: onnx.ModelProto) -> list[str]:
+        return _replaced(model, converted, self.ops)
+
+    def excluded_ops(self, model: onnx.ModelProto) -> list[str]:
+        return sorted({n.op_type for n in model.graph.node if n.op_type not in self.ops})
+
+    def ran_fp32(self, executed: dict[str, Any]) -> bool:
+        return executed["op"] not in QUANTIZED_OPS and not any(t in ("int8", "uint8") for t in executed["inputs"])
+
+
 @dataclass
-class Int8DynamicTarget:
+class Int8DynamicTarget(_Int8):
     """int8 weights (per output channel) with activations quantized at run time; ops in `_INT8_OPS`."""
 
     name: str = "int8-dynamic"
-    precision: str = "int8"
+    ops: ClassVar[list[str]] = _INT8_OPS
 
     def build(self, model: onnx.ModelProto, keep: Sequence[str]) -> onnx.ModelProto:
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -138,24 +152,14 @@ class Int8DynamicTarget:
 
         return _quantize(model, run)
 
-    def candidates(self, model: onnx.ModelProto, converted: onnx.ModelProto) -> list[str]:
-        return _replaced(model, converted, _INT8_OPS)
-
-    def excluded_ops(self, model: onnx.ModelProto) -> list[str]:
-        return sorted({n.op_type for n in model.graph.node if n.op_type not in _INT8_OPS})
-
-    def ran_fp32(self, executed: dict[str, Any]) -> bool:
-        return _int_free(executed)
-
 
 @dataclass
-class Int8SmoothTarget:
+class Int8SmoothTarget(Int8DynamicTarget):
     """SmoothQuant (see smooth.py) folded in, then `int8-dynamic`; the factors come from `calibration`."""
 
+    name: str = "int8-smooth"
     calibration: Sequence[Feeds] = field(default_factory=list)
     alpha: float = DEFAULT_ALPHA
-    name: str = "int8-smooth"
-    precision: str = "int8"
     _cache: tuple[onnx.ModelProto, onnx.ModelProto] | None = field(default=None, repr=False)
 
     def smoothed(self, model: onnx.ModelProto) -> onnx.ModelProto:
@@ -166,16 +170,7 @@ class Int8SmoothTarget:
         return self._cache[1]
 
     def build(self, model: onnx.ModelProto, keep: Sequence[str]) -> onnx.ModelProto:
-        return Int8DynamicTarget().build(self.smoothed(model), keep)
-
-    def candidates(self, model: onnx.ModelProto, converted: onnx.ModelProto) -> list[str]:
-        return _replaced(model, converted, _INT8_OPS)
-
-    def excluded_ops(self, model: onnx.ModelProto) -> list[str]:
-        return Int8DynamicTarget().excluded_ops(model)
-
-    def ran_fp32(self, executed: dict[str, Any]) -> bool:
-        return _int_free(executed)
+        return super().build(self.smoothed(model), keep)
 
 
 class _Reader:
@@ -189,12 +184,12 @@ class _Reader:
 
 
 @dataclass
-class Int8StaticTarget:
+class Int8StaticTarget(_Int8):
     """int8 QDQ (U8S8, weights per channel) with activation ranges calibrated on `calibration`."""
 
-    calibration: Sequence[Feeds] = field(default_factory=list)
     name: str = "int8-static"
-    precision: str = "int8"
+    calibration: Sequence[Feeds] = field(default_factory=list)
+    ops: ClassVar[list[str]] = _STATIC_OPS
 
     def build(self, model: onnx.ModelProto, keep: Sequence[str]) -> onnx.ModelProto:
         from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
@@ -210,15 +205,6 @@ class Int8StaticTarget:
 
         return _quantize(model, run)
 
-    def candidates(self, model: onnx.ModelProto, converted: onnx.ModelProto) -> list[str]:
-        return _replaced(model, converted, _STATIC_OPS)
-
-    def excluded_ops(self, model: onnx.ModelProto) -> list[str]:
-        return sorted({n.op_type for n in model.graph.node if n.op_type not in _STATIC_OPS})
-
-    def ran_fp32(self, executed: dict[str, Any]) -> bool:
-        return _int_free(executed)
-
 
 @dataclass
 class LowFloatTarget:
@@ -232,10 +218,7 @@ class LowFloatTarget:
         return convert_low_precision(model, self.precision, keep, self.keep_ops)
 
     def candidates(self, model: onnx.ModelProto, converted: onnx.ModelProto) -> list[str]:
-        floats = float_tensors(model)
-        fixed = {"Constant", "ConstantOfShape", "Shape", "Size", "EyeLike"} | set(self.keep_ops)
-        return [n.name for n in model.graph.node
-                if n.op_type not in fixed and any(t in floats for t in [*n.input, *n.output])]
+        return low_nodes(model, self.keep_ops)
 
     def excluded_ops(self, model: onnx.ModelProto) -> list[str]:
         return sorted(set(self.keep_ops) & {n.op_type for n in model.graph.node})
@@ -245,14 +228,13 @@ class LowFloatTarget:
 
 
 def get_target(name: str, calibration: Sequence[Feeds] = ()) -> Target:
-    """The target called `name` (see `TARGETS`); int8-static takes the calibration batches."""
+    """The target called `name` (see `TARGETS`); those that calibrate get a copy holding the batches."""
     if name not in TARGETS:
         raise ValueError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)}")
-    if name == "int8-static":
-        return Int8StaticTarget(calibration=list(calibration))
-    if name == "int8-smooth":
-        return Int8SmoothTarget(calibration=list(calibration))
-    return TARGETS[name]
+    target = TARGETS[name]
+    if isinstance(target, (Int8SmoothTarget, Int8StaticTarget)):
+        return dataclasses.replace(target, calibration=list(calibration))
+    return target
 
 
 TARGETS: dict[str, Target] = {

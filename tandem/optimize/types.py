@@ -50,7 +50,6 @@ class NodeError:
     error: float  # relative L2 error of the node's output against FP32, mean over the calibration set
     growth: float  # the error this node adds by itself (see instrument.py)
     candidate: bool  # the target converts this node, so it may be kept in FP32
-    cost: float = 0.0  # weight elements it multiplies per row (0 for lookups and elementwise ops)
 
 
 @dataclass

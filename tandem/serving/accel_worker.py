@@ -64,7 +64,8 @@ def _check_memory(entry: ModelEntry, runtime: Runtime) -> None:
 def _warm_up(entry: ModelEntry, runtime: Runtime) -> None:
     """Run the model once on dummy inputs (all ones) so the first real requests are not slow."""
     try:
-        runtime.warm_up(warm_up_batches(entry))
+        for batch in warm_up_batches(entry):
+            runtime.run(batch)
     except Exception:  # a model may reject dummy data; warm-up is an optimisation, not a check
         logger.warning("warm-up predict of %s failed; continuing without it", entry.key, exc_info=True)
 

@@ -45,10 +45,6 @@ class Runtime(Protocol):
         """Outputs for the entry's output specs, each [rows, ...]."""
         ...
 
-    def warm_up(self, batches: Iterable[Batch]) -> None:
-        """Run dummy batches so the first real requests are not slow."""
-        ...
-
     def memory_used(self) -> tuple[int, str] | None:
         """(bytes, what was measured) for the memory_limit check, or None when the runtime bounds it itself."""
         ...
@@ -74,6 +70,10 @@ def _dummy_dims(spec: TensorSpec, length: int) -> tuple[int, ...]:
 # ---------------------------------------------------------------------------------------------
 # torch: model.py's setup + predict
 # ---------------------------------------------------------------------------------------------
+
+def _to_numpy(value: Any) -> np.ndarray:
+    return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+
 
 class TorchRuntime:
     """model.py's `setup(device)` and `predict` under `torch.inference_mode`, tensors on `device`."""
@@ -112,17 +112,8 @@ class TorchRuntime:
             out = self.model.predict(tensors)
         if not isinstance(out, dict):
             raise TypeError(f"predict must return a dict of tensors, got {type(out).__name__}")
-        result = {}
-        for spec in self.entry.outputs:  # only declared outputs leave the device
-            if spec.name not in out:
-                raise KeyError(f"predict did not return output {spec.name!r}")
-            arr = out[spec.name]
-            result[spec.name] = arr.detach().cpu().numpy() if hasattr(arr, "detach") else np.asarray(arr)
-        return result
-
-    def warm_up(self, batches: Iterable[Batch]) -> None:
-        for batch in batches:
-            self.run(batch)
+        # Only declared outputs leave the device; the worker checks that each one is there.
+        return {spec.name: _to_numpy(out[spec.name]) for spec in self.entry.outputs if spec.name in out}
 
     def memory_used(self) -> tuple[int, str]:
         if self.device.startswith("cuda"):
@@ -140,8 +131,6 @@ _ORT_TO_V2 = {
     "tensor(uint64)": "UINT64", "tensor(int8)": "INT8", "tensor(int16)": "INT16", "tensor(int32)": "INT32",
     "tensor(int64)": "INT64", "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64",
 }
-_GRAPH_OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
-                       "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 _CUDA, _CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 _GPU_PROVIDERS = (_CUDA, "TensorrtExecutionProvider")  # these take a device_id
 
@@ -174,10 +163,6 @@ class OnnxRuntime:
         feed = {name: inputs[name] for name in self.input_names}
         return dict(zip(self.output_names, self.session.run(self.output_names, feed)))
 
-    def warm_up(self, batches: Iterable[Batch]) -> None:
-        for batch in batches:
-            self.run(batch)
-
     def memory_used(self) -> tuple[int, str] | None:
         if self.providers[0] in _GPU_PROVIDERS:
             return None  # bounded by gpu_mem_limit; host RSS says nothing about device memory
@@ -201,12 +186,10 @@ def _artefact(entry: ModelEntry) -> Path:
 def _session(entry: ModelEntry, path: Path, device: str) -> ort.InferenceSession:
     import onnxruntime as ort
 
+    from tandem.optimize.runtime import session_options
+
     assert entry.config.onnx is not None
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = entry.threads()
-    options.inter_op_num_threads = 1
-    level = _GRAPH_OPTIMIZATION[entry.config.onnx.graph_optimization]
-    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    options = session_options(entry.threads(), entry.config.onnx.graph_optimization)
     providers = _providers(entry, device, ort.get_available_providers())
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)

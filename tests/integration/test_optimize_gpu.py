@@ -1,19 +1,18 @@
 """The optimizer's CUDA and TensorRT paths (need a GPU and onnxruntime-gpu; skipped without them)."""
+# ruff: noqa: F811  (pytest injects the imported fixtures `model` and `calib` by parameter name)
 
 from __future__ import annotations
 
-import numpy as np
-import onnx
 import pytest
-import torch
 
 from tandem.optimize.api import resolve_provider
 from tandem.optimize.doctor import DoctorSettings, confirm_fp32, evaluate
-from tandem.optimize.export import export_module
 from tandem.optimize.runtime import available_providers, make_session, run_batches
 from tandem.optimize.targets import get_target
 from tandem.optimize.types import Tolerance
-from tests.unit.test_optimize_doctor import Outlier, matmul_reading
+
+# The unit tier's model and calibration fixtures (the Outlier network), reused as they are.
+from tests.unit.test_optimize_doctor import calib, matmul_reading, model  # noqa: F401
 
 pytestmark = pytest.mark.gpu
 
@@ -21,19 +20,6 @@ pytestmark = pytest.mark.gpu
 def _need(provider: str) -> None:
     if provider not in available_providers():
         pytest.skip(f"{provider} needs onnxruntime-gpu (this onnxruntime has {available_providers()})")
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> onnx.ModelProto:
-    path = tmp_path_factory.mktemp("gpu") / "outlier.onnx"
-    export_module(Outlier().eval(), {"x": torch.randn(2, 8, 64)}, path, exporter="torchscript")
-    return onnx.load(str(path))
-
-
-@pytest.fixture(scope="module")
-def calib() -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(0)
-    return [{"x": rng.standard_normal((8, 16, 64)).astype(np.float32)} for _ in range(2)]
 
 
 def test_cuda_fp16_keeps_the_fp32_island_and_profiles_it(model, calib):
