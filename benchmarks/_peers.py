@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from tandem.kinds import builtin_kinds
 from tandem.model import Model, Request
 from tandem.serving.batcher import assemble
 from tandem.serving.repository import ModelEntry, default_repository, instantiate, scan_repository
@@ -42,7 +43,7 @@ HOST = "127.0.0.1"
 
 def load_entry(name: str) -> ModelEntry:
     """The default repository's entry for model `name` (its config, signature and batching)."""
-    for entry in scan_repository(default_repository()):
+    for entry in scan_repository(default_repository(), builtin_kinds()):
         if entry.config.name == name:
             return entry
     raise SystemExit(f"no model {name!r} in the default repository")

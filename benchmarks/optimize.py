@@ -206,13 +206,14 @@ def run_model(name: str, entry_name: str, heldout: list[Feeds], calib: list[Feed
     import torch
     from onnxruntime.quantization import quantize_dynamic
 
+    from tandem.kinds import builtin_kinds
     from tandem.optimize.export import export_callable
     from tandem.optimize.onnx_io import load_onnx
     from tandem.optimize.types import Tolerance
     from tandem.serving.repository import default_repository, instantiate, scan_repository
 
     torch.set_num_threads(args.threads)
-    entry = scan_repository(default_repository() / entry_name)[0]
+    entry = scan_repository(default_repository() / entry_name, builtin_kinds())[0]
     model = instantiate(entry)
     model.setup("cpu")
     output = entry.outputs[0].name
@@ -304,6 +305,7 @@ def print_tables(results: dict[str, Any]) -> None:
 
 
 def main() -> None:
+    from tandem.kinds import builtin_kinds
     from tandem.optimize.types import Tolerance
     from tandem.serving.repository import default_repository, instantiate, scan_repository
 
@@ -320,7 +322,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tandem-optimize-bench-"))
     results: dict[str, Any] = {}
     if "minilm" in args.models:
-        entry = scan_repository(default_repository() / "embeddings")[0]
+        entry = scan_repository(default_repository() / "embeddings", builtin_kinds())[0]
         m = instantiate(entry)
         held = (ROOT / "data" / "heldout_sentences.txt").read_text().splitlines()[: 96 if args.quick else 600]
         calib_text = [json.loads(ln)["text"] for ln in
@@ -329,7 +331,7 @@ def main() -> None:
             "minilm", "embeddings", sentence_batches(m, entry, held, 32), sentence_batches(m, entry, calib_text, 32),
             Tolerance(args.atol, 0.0, "mean"), ("int8-dynamic", "int8-smooth"), args, work)
     if "resnet" in args.models:
-        entry = scan_repository(default_repository() / "image-classifier")[0]
+        entry = scan_repository(default_repository() / "image-classifier", builtin_kinds())[0]
         m = instantiate(entry)
         held_imgs = image_batches(m, entry, 64 if args.quick else 224, seed=1, batch=32)
         calib_imgs = image_batches(m, entry, 64, seed=0, batch=16)  # 16: the instrumented pass holds every tensor

@@ -1,7 +1,8 @@
 """Serving benchmark (issue 2): Tandem vs the offline limit, a FastAPI baseline and LitServe.
 
 One run, one machine, the same model code (Tandem's default repository) and the same client
-(`tandem.bench.loadgen`) for every system. For each model (`embeddings`, `image-classifier`):
+(`tandem.bench.loadgen`) for every system. For each model (`embeddings`: all-MiniLM-L6-v2,
+`image-classifier`: EfficientNet-Lite0 with its packaged ImageNet weights):
 
   offline   in-process tight loop: preprocess + assemble + predict + postprocess at the max batch
   baseline  one FastAPI/uvicorn process, sync `def` handler, batch of 1 per request
@@ -50,13 +51,15 @@ PEERS = Path(__file__).resolve().with_name("_peers.py")
 HOST = "127.0.0.1"
 SYSTEMS = ("offline", "baseline", "litserve", "tandem")
 MODELS = ("embeddings", "image-classifier")
+MODEL_LABELS = {"embeddings": "all-MiniLM-L6-v2", "image-classifier": "EfficientNet-Lite0, ImageNet weights"}
 
 
 def _tandem_max_batch() -> dict[str, int]:
     """Every system runs at the batch size Tandem's default repository declares for the model."""
+    from tandem.kinds import builtin_kinds
     from tandem.serving.repository import default_repository, scan_repository
 
-    return {e.config.name: e.batching.max_batch_size for e in scan_repository(default_repository())}
+    return {e.config.name: e.batching.max_batch_size for e in scan_repository(default_repository(), builtin_kinds())}
 
 
 MAX_BATCH = _tandem_max_batch()
@@ -464,7 +467,8 @@ def ratio_lines(r: dict[str, float | None], lo: int, hi: int) -> list[str]:
 
 
 def model_markdown(model: str, rows: list[Row], lo: int, hi: int) -> str:
-    lines = [f"### {model}", "", "| system | concurrency | QPS | p50 ms | p99 ms | errors |",
+    label = f" ({MODEL_LABELS[model]})" if model in MODEL_LABELS else ""
+    lines = [f"### {model}{label}", "", "| system | concurrency | QPS | p50 ms | p99 ms | errors |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         level = f"batch {r.extra['batch']} (in-process)" if r.concurrency is None else str(r.concurrency)

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
 
 from tandem.bench.command import register as register_bench
-from tandem.config import ServerConfig
+from tandem.config import ServerConfig, is_loopback
 from tandem.envs import (
     LORA_ADAPTERS,
+    TANDEM_ADMIN_KEY,
+    TANDEM_API_KEY,
     TANDEM_CPU_WORKERS,
     TANDEM_DRAIN_TIMEOUT_S,
     TANDEM_HOST,
@@ -38,12 +41,19 @@ def parse_lora_adapters(spec: str | None) -> dict[str, str]:
     return out
 
 
+def _secret(value: str | None) -> Any:
+    """A key from the command line or environment, as the SecretStr ServerConfig keeps (never printed)."""
+    from pydantic import SecretStr
+
+    return SecretStr(value) if value else None
+
+
 def cli_llm_entry(index: int, folder: Path, adapters: str | None, max_total_tokens: int) -> Any:
     """A model entry for `--llm PATH --lora-adapters ...` (same as a kind: llm tandem.yaml)."""
     from pydantic import ValidationError
 
     from tandem.config import LLMConfig, ModelConfig
-    from tandem.serving.repository import llm_entry
+    from tandem.llm.kind import llm_entry
 
     folder = folder.resolve()
     name = "".join(c if c.isalnum() or c in "_.-" else "-" for c in folder.name).lstrip("-_.") or "llm"
@@ -74,8 +84,20 @@ def serve(
     lora_adapters: Annotated[str | None, typer.Option(
         envvar=LORA_ADAPTERS, help="Adapters of --llm loaded at start: name=path,name=path (PEFT folders)")] = None,
     max_total_tokens: Annotated[int, typer.Option(help="--llm: prompt + generated tokens per request")] = 512,
+    api_key: Annotated[str | None, typer.Option(
+        envvar=TANDEM_API_KEY, show_envvar=True, show_default=False,
+        help="Key every route but health needs (Authorization: Bearer KEY or x-api-key: KEY)")] = None,
+    admin_key: Annotated[str | None, typer.Option(
+        envvar=TANDEM_ADMIN_KEY, show_envvar=True, show_default=False,
+        help="Key the mutating routes (adapter load/unload) need; default: the --api-key")] = None,
+    insecure: Annotated[bool, typer.Option(
+        help="Allow a non-loopback --host without --api-key (anyone reaching it can use every model)")] = False,
+    model_control: Annotated[Literal["none", "explicit", "poll"], typer.Option(
+        help="none: serve what is there at start; explicit: /v2/repository load/unload; poll: also reload "
+             "models whose folder changed")] = "explicit",
 ) -> None:
     """Serve a model repository (KServe v2, TorchServe, SageMaker) and/or an LLM (TGI, OpenAI) over HTTP."""
+    from tandem.kinds import builtin_kinds
     from tandem.serving.repository import default_repository, scan_repository
     from tandem.serving.supervisor import StartupInterrupted, Supervisor
 
@@ -83,11 +105,16 @@ def serve(
     try:
         server = ServerConfig(host=host, port=port, cpu_workers=cpu_workers, default_model=default_model,
                               drain_timeout_s=drain_timeout, log_level=log_level,
-                              front_nice=front_nice)
-        entries = scan_repository(repo or default_repository()) if repo or not llm else []
+                              front_nice=front_nice, api_key=_secret(api_key), admin_key=_secret(admin_key),
+                              insecure=insecure, model_control=model_control)
+        for name in (TANDEM_API_KEY, TANDEM_ADMIN_KEY):  # keys travel in ServerConfig; model code never sees them
+            os.environ.pop(name, None)
+        kinds = builtin_kinds()
+        folder = repo or default_repository() if repo or not llm else None
+        entries = scan_repository(folder, kinds) if folder is not None else []
         if llm is not None:
             entries.append(cli_llm_entry(len(entries), llm, lora_adapters, max_total_tokens))
-        sup = Supervisor(entries, server)
+        sup = Supervisor(entries, server, kinds, repo=folder)
         console.print(f"starting {len(entries)} model(s) with {sup.n_fronts} front process(es)...")
         sup.start()
     except StartupInterrupted:
@@ -97,11 +124,17 @@ def serve(
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
     for entry in entries:
-        b, llm_cfg = entry.batching, entry.config.llm
-        how = (f"continuous batching of {llm_cfg.max_batch_size} sequences, {len(llm_cfg.adapters)} adapter(s)"
-               if llm_cfg else f"batch <= {b.max_batch_size}, delay {b.max_batch_delay_ms} ms")
+        how = kinds[entry.config.kind].describe(entry)
         console.print(f"  {entry.key}: {entry.config.instances} replica(s) on {', '.join(sup.devices(entry.key))}, "
                       f"{how}")
+    if server.api_key or server.admin_key:
+        admin = "the admin key" if server.admin_key else "the API key"
+        console.print(f"  auth: {'API key on every route but health, ' if server.api_key else ''}"
+                      f"{admin} on adapter load/unload")
+    elif is_loopback(server.host):
+        console.print("  auth: off (loopback only; pass --api-key to require a key)")
+    else:
+        console.print("[yellow]  auth: off on a non-loopback address (--insecure)[/yellow]")
     # Tests and scripts wait for this exact line on stdout.
     print(f"tandem ready on http://{host}:{sup.port}", flush=True)
     sup.run_forever()

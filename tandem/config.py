@@ -5,19 +5,21 @@ Errors are turned into `ConfigError`s naming the file, the field and the fix.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from tandem.errors import ConfigError
 
-__all__ = ["BatchingConfig", "LLMConfig", "ModelConfig", "OnnxConfig", "ServerConfig", "load_model_config",
-           "parse_bytes"]
+__all__ = ["BatchingConfig", "LLMConfig", "ModelConfig", "OnnxConfig", "ServerConfig", "is_loopback",
+           "load_model_config", "parse_bytes"]
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "kib": 1024, "mib": 1024**2, "gib": 1024**3}
@@ -137,6 +139,8 @@ class ModelConfig(_Strict):
     queue_size: int = Field(default=64, ge=1, le=65536)
     max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1)
     max_request_rows: int = Field(default=4, ge=1, le=4096)  # rows one v2 request may carry
+    # strings/blobs one request-level request (v2 BYTES, /v1/embeddings, /embed) may carry; 413 beyond
+    max_request_inputs: int = Field(default=2048, ge=1, le=1_000_000)
     weights: str | None = None
     warmup: bool = True  # one dummy predict per replica at start (first requests are not slow)
     params: dict[str, Any] = Field(default_factory=dict)
@@ -217,6 +221,46 @@ class ServerConfig(_Strict):
     # Niceness added to front processes, to favour accelerator workers when both share CPU cores.
     # Measured on 2 cores with MiniLM: no effect beyond noise, so off by default.
     front_nice: int = Field(default=0, ge=0, le=19)
+    # Live model repository (Triton's extension): "none" serves what was there at start; "explicit"
+    # adds POST /v2/repository/models/{m}/load|unload; "poll" also reloads models whose folder changed.
+    model_control: Literal["none", "explicit", "poll"] = "explicit"
+    repository_poll_s: float = Field(default=2.0, gt=0)
+    # Auth (README "Auth"): every route but health needs `api_key`; mutating routes need `admin_key`
+    # (the api key when none is set). SecretStr: never shown by repr, logs or errors.
+    api_key: SecretStr | None = None
+    admin_key: SecretStr | None = None
+    insecure: bool = False  # allow a non-loopback bind address without api_key
+
+    @field_validator("api_key", "admin_key")
+    @classmethod
+    def _key(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value().strip():
+            return None  # an empty --api-key / TANDEM_API_KEY= means no key
+        return v
+
+    @model_validator(mode="after")
+    def _bind_needs_key(self) -> ServerConfig:
+        if self.api_key is None and not self.insecure and not is_loopback(self.host):
+            raise ConfigError(f"refusing to listen on {self.host!r} without an API key: anyone who can reach it "
+                              "could use every model (fix: pass --api-key KEY or set TANDEM_API_KEY; or "
+                              "--host 127.0.0.1; or --insecure to serve without auth on purpose)")
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` is a loopback address (127.0.0.0/8, ::1) or a name resolving only to such."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    if not host:  # "" binds every interface
+        return False
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False  # unresolvable: the bind fails later with its own error; refuse to guess
+    addresses = {info[4][0] for info in infos}
+    return bool(addresses) and all(ipaddress.ip_address(str(a).split("%")[0]).is_loopback for a in addresses)
 
 
 def _format_validation(path: Path, err: ValidationError) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 __all__ = ["TANDEM_HOST", "TANDEM_PORT", "TANDEM_CPU_WORKERS", "TANDEM_SHM_DIR", "TANDEM_LOG_LEVEL",
-           "TANDEM_DRAIN_TIMEOUT_S", "LORA_ADAPTERS", "env_str", "shm_dir"]
+           "TANDEM_DRAIN_TIMEOUT_S", "TANDEM_API_KEY", "TANDEM_ADMIN_KEY", "LORA_ADAPTERS", "env_str",
+           "shm_dir"]
 
 
 def env_str(name: str, default: str | None = None) -> str | None:
@@ -22,6 +23,10 @@ TANDEM_SHM_DIR = "TANDEM_SHM_DIR"
 TANDEM_LOG_LEVEL = "TANDEM_LOG_LEVEL"
 # Seconds SIGTERM waits for in-flight requests before closing.
 TANDEM_DRAIN_TIMEOUT_S = "TANDEM_DRAIN_TIMEOUT_S"
+# Key every route but health needs (Authorization: Bearer KEY or x-api-key: KEY); see README "Auth".
+TANDEM_API_KEY = "TANDEM_API_KEY"
+# Key the mutating routes (adapter load/unload) need; defaults to TANDEM_API_KEY.
+TANDEM_ADMIN_KEY = "TANDEM_ADMIN_KEY"
 
 # Adapters of `tandem serve --llm` loaded at start, "name=path,name=path" (same name as TGI's variable).
 LORA_ADAPTERS = "LORA_ADAPTERS"

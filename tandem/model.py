@@ -19,7 +19,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["Model", "Request", "TensorSpec"]
+from tandem.errors import InvalidInput
+
+__all__ = ["Model", "Request", "RequestSpec", "TensorSpec", "check_signature"]
 
 # KServe v2 datatype name <-> numpy dtype.
 V2_TO_NUMPY: dict[str, np.dtype[Any]] = {
@@ -112,6 +114,76 @@ class TensorSpec:
         return {"name": self.name, "datatype": self.dtype, "shape": [-1, *self.shape]}
 
 
+@dataclass(frozen=True)
+class RequestSpec:
+    """One named field of a model's request-level signature (what users send and get back), per row.
+
+    `dtype` is a v2 datatype, `BYTES` included (a string or blob per element); `shape` is per row
+    without the batch dimension (`()` for one string). For a request input, `content_type` is the
+    content type of the `Request` each row is handed to `preprocess` as (its bytes are the body).
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...] = ()
+    content_type: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"request field name must be a non-empty string, got {self.name!r}")
+        dtype = "BYTES" if str(self.dtype).upper() == "BYTES" else v2_datatype(self.dtype)
+        object.__setattr__(self, "dtype", dtype)
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        if any(d == 0 or d < -1 for d in self.shape):
+            raise ValueError(f"request field {self.name!r}: dims must be positive or -1, got {self.shape}")
+
+    def metadata(self) -> dict[str, Any]:
+        """KServe v2 metadata entry; the leading -1 is the batch dimension (one row per element)."""
+        return {"name": self.name, "datatype": self.dtype, "shape": [-1, *self.shape]}
+
+
+def _spec_list(cls: type, attr: str, kind: type) -> list[Any]:
+    value = getattr(cls, attr)
+    if not isinstance(value, list | tuple) or not all(isinstance(s, kind) for s in value):
+        raise TypeError(f"{cls.__name__}.{attr} must be a list of {kind.__name__}")
+    names = [s.name for s in value]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{cls.__name__}.{attr} names {dupes} more than once")
+    return list(value)
+
+
+def check_signature(cls: type[Model]) -> None:
+    """Validate a Model subclass's declared signatures; raises ValueError/TypeError naming the problem."""
+    inputs = _spec_list(cls, "inputs", TensorSpec)
+    outputs = _spec_list(cls, "outputs", TensorSpec)
+    if not inputs or not outputs:
+        raise ValueError(f"{cls.__name__} must declare `inputs` and `outputs` TensorSpec lists")
+    req_in = _spec_list(cls, "request_inputs", RequestSpec)
+    req_out = _spec_list(cls, "request_outputs", RequestSpec)
+    if bool(req_in) != bool(req_out):
+        raise ValueError(f"{cls.__name__} must declare both `request_inputs` and `request_outputs`, or neither")
+    if not req_in:
+        return
+    if len(req_in) != 1 or req_in[0].dtype != "BYTES" or req_in[0].shape != ():
+        raise ValueError(f"{cls.__name__}.request_inputs must be one BYTES field of shape () (one string or blob "
+                         f"per row, handed to preprocess), got {[s.metadata() for s in req_in]}")
+    clash = sorted({s.name for s in req_in} & {s.name for s in inputs})
+    if clash:
+        raise ValueError(f"{cls.__name__}: request input {clash} has the name of a tensor input; v2 tells the two "
+                         "signatures apart by input names (fix: rename one)")
+    for spec in req_out:
+        if spec.dtype == "BYTES" and spec.shape != ():
+            raise ValueError(f"{cls.__name__}.request_outputs: BYTES field {spec.name!r} must have shape ()")
+        if spec.name == EMBEDDING_FIELD and (spec.dtype not in ("FP16", "FP32", "FP64") or len(spec.shape) != 1
+                                             or spec.shape[0] < 1):
+            raise ValueError(f"{cls.__name__}.request_outputs: {EMBEDDING_FIELD!r} must be a float vector of a "
+                             f"fixed size, e.g. RequestSpec('embedding', 'FP32', (384,)); got {spec.metadata()}")
+
+
+EMBEDDING_FIELD = "embedding"  # a request output of this name makes a model an embedding model
+
+
 @dataclass
 class Request:
     """What `preprocess` and `postprocess` see of an HTTP request.
@@ -136,6 +208,22 @@ class Model:
         max_batch_size = 32         most items in one `predict` call
         max_batch_delay_ms = 5.0    longest wait for a batch to fill after its first item arrives
 
+    Request-level signature (optional; both or neither): what users send and get back, per row.
+    v2 `infer` requests whose input names match `request_inputs` run each row through
+    preprocess -> predict -> postprocess (the fields of postprocess's dict named in
+    `request_outputs` become the v2 outputs); requests naming the tensor `inputs` go straight to
+    predict. A request output named `embedding` (a float vector) also serves the model on OpenAI's
+    `POST /v1/embeddings` and TEI's `POST /embed`:
+
+        request_inputs:  list[RequestSpec]  exactly one BYTES field of shape (), e.g.
+                                            RequestSpec("text", "BYTES", content_type="text/plain")
+        request_outputs: list[RequestSpec]  e.g. RequestSpec("embedding", "FP32", (384,))
+
+    Optional hooks for embedding models: `count_tokens(inputs)` (the tokens of one preprocessed
+    row, for OpenAI's `usage`) and `from_token_ids(ids)` (OpenAI token-id inputs -> arrays matching
+    `inputs`). `preprocess` may set `request.state["truncated"] = True` when it cut a text (TEI's
+    `truncate: false` then refuses it).
+
     Attributes set by the server before any hook runs: `self.path` (the model's folder),
     `self.params` (the `params:` mapping of tandem.yaml) and `self.weights` (the resolved `weights:`
     path of tandem.yaml, or None). Raise `tandem.errors.InvalidInput` from
@@ -144,6 +232,8 @@ class Model:
 
     inputs: ClassVar[list[TensorSpec]] = []
     outputs: ClassVar[list[TensorSpec]] = []
+    request_inputs: ClassVar[list[RequestSpec]] = []
+    request_outputs: ClassVar[list[RequestSpec]] = []
     max_batch_size: ClassVar[int] = 32
     max_batch_delay_ms: ClassVar[float] = 5.0
 
@@ -174,3 +264,12 @@ class Model:
     def postprocess(self, outputs: dict[str, np.ndarray], request: Request) -> Any:
         """Turn one item's outputs (numpy, no batch dim) into a JSON-able response."""
         return {name: value.tolist() for name, value in outputs.items()}
+
+    def count_tokens(self, inputs: dict[str, np.ndarray]) -> int:
+        """Tokens in one preprocessed row (OpenAI `usage`); by default the length of its first input."""
+        first = next(iter(inputs.values()), None)
+        return int(first.shape[0]) if first is not None and first.ndim else 0
+
+    def from_token_ids(self, ids: list[int]) -> dict[str, np.ndarray]:
+        """Arrays matching `inputs` for one row given as token ids (OpenAI's token-id `input`)."""
+        raise InvalidInput(f"{type(self).__name__} does not take token ids: send text")

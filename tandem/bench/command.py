@@ -14,7 +14,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from tandem.bench.loadgen import LoadResult, run_load_sync
+from tandem.bench.loadgen import MAX_RETRY_AFTER_S, LoadResult, run_load_sync
 
 __all__ = ["register"]
 
@@ -57,6 +57,11 @@ _Timeout = Annotated[float, typer.Option(min=0.001, help="Per-request timeout in
 _Label = Annotated[str, typer.Option(help="Label for this run in the table, plot and JSON.")]
 _Plot = Annotated[Path | None, typer.Option(help=f"PNG to write (default ./{DEFAULT_PLOT}).")]
 _JsonOut = Annotated[Path | None, typer.Option("--json-out", help="Write results as JSON here.")]
+_Honour = Annotated[bool, typer.Option(
+    "--honour-retry-after/--no-honour-retry-after",
+    help="On 503/429 with Retry-After, wait that long (capped, jittered) before retrying the request; "
+         "without it, the next request goes out at once.")]
+_MaxRetryAfter = Annotated[float, typer.Option(min=0.0, help="Longest Retry-After honoured, in seconds.")]
 
 
 def bench(
@@ -75,6 +80,8 @@ def bench(
     label: _Label = "",
     plot: _Plot = None,
     json_out: _JsonOut = None,
+    honour_retry_after: _Honour = True,
+    max_retry_after: _MaxRetryAfter = MAX_RETRY_AFTER_S,
 ) -> None:
     """Benchmark an HTTP endpoint: closed-loop concurrency levels and/or open-loop rates."""
     method = method.upper()
@@ -92,7 +99,8 @@ def bench(
             concurrency=int(load) if mode == "closed" else None,
             rate=load if mode == "open" else None,
             duration_s=duration, warmup_s=warmup, timeout_s=timeout, label=label,
-            arrival=arrival.value,
+            arrival=arrival.value, honour_retry_after=honour_retry_after,
+            max_retry_after_s=max_retry_after,
         ))
     console.print(_table(results, url))
     _write_outputs(results, url, plot or Path(DEFAULT_PLOT), json_out, console)
@@ -182,12 +190,14 @@ def _errors(r: LoadResult) -> str:
 
 def _table(results: list[LoadResult], url: str) -> Table:
     table = Table(title=f"tandem bench {url}  (latency in ms)", box=box.SIMPLE_HEAD)
-    for name in ("run", "load", "requests", "errors", "QPS", "p50", "p90", "p95", "p99"):
+    # QPS is the goodput (2xx/s); rejected = 503/429 answers (also under errors), retries after Retry-After
+    for name in ("run", "load", "requests", "errors", "rejected", "retries", "QPS", "p50", "p90", "p95", "p99"):
         table.add_column(name, justify="left" if name in ("run", "errors") else "right")
     for r in results:
         table.add_row(
             f"{r.label}/{r.mode}" if r.label else r.mode,
-            _describe(r.mode, r.load), str(r.requests), _errors(r), f"{r.qps:.1f}",
+            _describe(r.mode, r.load), str(r.requests), _errors(r), str(r.rejected), str(r.retries),
+            f"{r.qps:.1f}",
             _ms(r.p50_ms), _ms(r.p90_ms), _ms(r.p95_ms), _ms(r.p99_ms),
         )
     return table

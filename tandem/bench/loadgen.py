@@ -25,12 +25,21 @@ requests still in flight when the window closes are awaited at most `timeout_s`.
 number of 2xx responses *completed* inside the window divided by `duration_s`. A non-2xx status
 is an error counted under its status; a timeout, a connection failure, a malformed response or
 an open-loop drop is an error counted under status 0.
+
+Backpressure: a 503 or 429 is also counted in `rejected`. With `honour_retry_after` (the default)
+a request answered 503/429 with a `Retry-After` header is retried on its connection after that
+long (capped at `max_retry_after_s`, times a random 1-1.25 so that rejected clients do not come
+back in lockstep), as a well-behaved client would; each retry is a request of its own in the
+counts (`retries` says how many), and the latency of the eventual success runs from the first
+attempt. Without it (or without the header) the next request goes out at once. `qps` is the
+goodput: successful responses per second, whatever was rejected on the way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import email.utils
 import itertools
 import logging
 import math
@@ -44,7 +53,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-__all__ = ["MAX_CONNECTIONS", "LoadResult", "run_load", "run_load_sync"]
+__all__ = ["MAX_CONNECTIONS", "MAX_RETRY_AFTER_S", "LoadResult", "retry_wait", "run_load", "run_load_sync"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +70,9 @@ _BODYLESS_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE"})
 _NO_BODY_STATUSES = frozenset({204, 304})
 _RESERVED_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
 _TRANSPORT_ERRORS = (TimeoutError, OSError, EOFError, ValueError, asyncio.LimitOverrunError)
+_BACKPRESSURE = frozenset({429, 503})
+MAX_RETRY_AFTER_S = 10.0  # longest Retry-After honoured
+_RETRY_JITTER = 0.25  # a retry waits Retry-After x uniform(1, 1 + this)
 
 
 @dataclass
@@ -82,6 +94,13 @@ class LoadResult:
     p99_ms: float
     mean_ms: float
     latencies_ms: list[float] = field(default_factory=list, repr=False)
+    rejected: int = 0  # 503 + 429 answers (backpressure) among `requests`
+    retries: int = 0  # requests that were retries after a Retry-After wait
+
+    @property
+    def goodput(self) -> float:
+        """Successful responses per second (same as `qps`)."""
+        return self.qps
 
     @property
     def load(self) -> float:
@@ -205,10 +224,11 @@ def _parse_head(head: bytes) -> tuple[int, int | None, bool, bool]:
 class _Conn:
     """One keep-alive HTTP/1.1 connection; (re)connects lazily."""
 
-    __slots__ = ("_head_only", "_reader", "_target", "_writer")
+    __slots__ = ("_head_only", "_reader", "_target", "_writer", "retry_after")
 
     def __init__(self, target: _Target, head_only: bool = False) -> None:
         self._target = target
+        self.retry_after: float | None = None  # seconds, from the last 503/429 answer's Retry-After
         self._head_only = head_only  # HEAD requests: responses carry no body
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -252,7 +272,9 @@ class _Conn:
         assert reader is not None
         status, length, chunked, close = _parse_head(head)
         while 100 <= status < 200 and status != 101:  # interim responses (100 Continue, 103)
-            status, length, chunked, close = _parse_head(await reader.readuntil(_HEAD_END))
+            head = await reader.readuntil(_HEAD_END)
+            status, length, chunked, close = _parse_head(head)
+        self.retry_after = _retry_after(head) if status in _BACKPRESSURE else None
         if status < 200:  # 101 Switching Protocols: nothing more we can speak here
             close = True
         elif self._head_only or status in _NO_BODY_STATUSES:
@@ -267,6 +289,35 @@ class _Conn:
         if close:
             self.close()
         return status
+
+
+def _retry_after(head: bytes) -> float | None:
+    """Seconds a response's Retry-After asks for (delta-seconds or an HTTP date), or None."""
+    value = _header(head.lower(), b"\r\nretry-after:")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value.decode("latin-1"))
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def retry_wait(retry_after: float | None, cap: float = MAX_RETRY_AFTER_S,
+               rng: random.Random | None = None) -> float | None:
+    """How long to wait before retrying a request answered with `retry_after`; None: no header."""
+    if retry_after is None:
+        return None
+    return min(retry_after, cap) * (1.0 + _RETRY_JITTER * (rng or random).random())
+
+
+async def _pause(seconds: float) -> None:
+    """The wait before a retry (a seam for tests)."""
+    await asyncio.sleep(seconds)
 
 
 async def _read_chunked(reader: asyncio.StreamReader) -> None:
@@ -297,7 +348,7 @@ async def _timed_exchange(conn: _Conn, request: bytes, timeout_s: float) -> int:
 class _Stats:
     """Measured-window bookkeeping (single event loop, so no locking)."""
 
-    __slots__ = ("completed_ok", "end", "errors", "latencies", "requests", "start",
+    __slots__ = ("completed_ok", "end", "errors", "latencies", "rejected", "requests", "retries", "start",
                  "status_counts", "warm_end")
 
     def __init__(self, start: float, warmup_s: float, duration_s: float) -> None:
@@ -309,20 +360,28 @@ class _Stats:
         self.requests = 0
         self.errors = 0
         self.completed_ok = 0
+        self.rejected = 0
+        self.retries = 0
 
-    def record(self, sent: float, done: float, status: int) -> None:
-        """Account one finished request sent at `sent`, completed at `done` (perf_counter s)."""
+    def record(self, sent: float, done: float, status: int, origin: float | None = None,
+               retry: bool = False) -> None:
+        """Account one finished request sent at `sent`, completed at `done` (perf_counter s).
+
+        `origin` is when its first attempt went out (latency runs from there); `retry` marks a retry.
+        """
         ok = 200 <= status < 300
         if ok and self.warm_end <= done <= self.end:
             self.completed_ok += 1
         if not self.warm_end <= sent < self.end:
             return  # warm-up (or after the window): sent, not counted
         self.requests += 1
+        self.retries += retry
         self.status_counts[status] = self.status_counts.get(status, 0) + 1
         if ok:
-            self.latencies.append((done - sent) * 1000.0)
+            self.latencies.append((done - (sent if origin is None else origin)) * 1000.0)
         else:
             self.errors += 1
+            self.rejected += status in _BACKPRESSURE
 
 
 async def _await_bounded(tasks: set[asyncio.Task[None]], deadline: float) -> None:
@@ -341,15 +400,34 @@ async def _await_bounded(tasks: set[asyncio.Task[None]], deadline: float) -> Non
 # --------------------------------------------------------------------------- closed loop
 
 
+async def _attempts(conn: _Conn, request: bytes, sent: float, stats: _Stats, timeout_s: float,
+                    retry_cap: float | None) -> int:
+    """Send `request` (sent at `sent`), retrying after each Retry-After while the window lasts."""
+    clock, origin, retry = time.perf_counter, sent, False
+    while True:
+        status = await _timed_exchange(conn, request, timeout_s)
+        done = clock()
+        stats.record(sent, done, status, origin, retry)
+        wait = retry_wait(conn.retry_after, retry_cap) if retry_cap is not None and status in _BACKPRESSURE \
+            else None
+        if wait is None:
+            return status
+        if done + wait >= stats.end:  # no retry inside the window: sit it out, do not hammer
+            await _pause(stats.end - done)
+            return status
+        await _pause(wait)
+        sent, retry = clock(), True
+
+
 async def _closed_worker(
-    conn: _Conn, requests: list[bytes], counter: Iterator[int], stats: _Stats, timeout_s: float
+    conn: _Conn, requests: list[bytes], counter: Iterator[int], stats: _Stats, timeout_s: float,
+    retry_cap: float | None = None,
 ) -> None:
     n = len(requests)
     clock = time.perf_counter
     try:
         while (sent := clock()) < stats.end:
-            status = await _timed_exchange(conn, requests[next(counter) % n], timeout_s)
-            stats.record(sent, clock(), status)
+            status = await _attempts(conn, requests[next(counter) % n], sent, stats, timeout_s, retry_cap)
             if status == 0:
                 await asyncio.sleep(_ERROR_BACKOFF_S)
     finally:
@@ -358,12 +436,12 @@ async def _closed_worker(
 
 async def _run_closed(
     target: _Target, requests: list[bytes], concurrency: int, stats: _Stats, timeout_s: float,
-    head_only: bool,
+    head_only: bool, retry_cap: float | None = None,
 ) -> None:
     counter = itertools.count()  # shared: bodies go round-robin across all connections
     tasks = {
         asyncio.create_task(
-            _closed_worker(_Conn(target, head_only), requests, counter, stats, timeout_s)
+            _closed_worker(_Conn(target, head_only), requests, counter, stats, timeout_s, retry_cap)
         )
         for _ in range(concurrency)
     }
@@ -391,18 +469,17 @@ def _arrivals(start: float, end: float, rate: float, arrival: Arrival) -> Iterat
 
 async def _open_request(
     conn: _Conn, request: bytes, scheduled: float, stats: _Stats, timeout_s: float,
-    idle: list[_Conn],
+    idle: list[_Conn], retry_cap: float | None = None,
 ) -> None:
-    try:
-        status = await _timed_exchange(conn, request, timeout_s)
-        stats.record(scheduled, time.perf_counter(), status)
+    try:  # a retry keeps its connection while it waits
+        await _attempts(conn, request, scheduled, stats, timeout_s, retry_cap)
     finally:
         idle.append(conn)
 
 
 async def _run_open(
     target: _Target, requests: list[bytes], rate: float, arrival: Arrival, stats: _Stats,
-    timeout_s: float, head_only: bool, max_connections: int,
+    timeout_s: float, head_only: bool, max_connections: int, retry_cap: float | None = None,
 ) -> None:
     idle: list[_Conn] = []  # LIFO: keeps the warmest connections busy
     opened = 0
@@ -417,7 +494,8 @@ async def _run_open(
             stats.record(scheduled, scheduled, 0)  # no free connection: dropped, never queued
             continue
         request = requests[i % len(requests)]
-        task = asyncio.create_task(_open_request(conn, request, scheduled, stats, timeout_s, idle))
+        task = asyncio.create_task(_open_request(conn, request, scheduled, stats, timeout_s, idle,
+                                                 retry_cap))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     await _await_bounded(set(tasks), stats.end + timeout_s)
@@ -462,6 +540,7 @@ def _summarize(
         status_counts=dict(sorted(stats.status_counts.items())),
         qps=stats.completed_ok / duration_s,
         p50_ms=p50, p90_ms=p90, p95_ms=p95, p99_ms=p99, mean_ms=mean, latencies_ms=lat,
+        rejected=stats.rejected, retries=stats.retries,
     )
 
 
@@ -480,6 +559,8 @@ async def run_load(
     label: str = "",
     arrival: Arrival = "fixed",
     max_connections: int = MAX_CONNECTIONS,
+    honour_retry_after: bool = True,
+    max_retry_after_s: float = MAX_RETRY_AFTER_S,
 ) -> LoadResult:
     """Drive `url` for `warmup_s + duration_s` seconds and summarise the measured window.
 
@@ -487,20 +568,25 @@ async def run_load(
     back) or `rate` (open loop: requests/s on a fixed or Poisson `arrival` schedule, over at
     most `max_connections` connections; requests finding none free are errors). `bodies` are
     cycled round-robin. Each request is bounded by `timeout_s`, and so is the wait for requests
-    in flight when the window closes. See the module docstring for the exact accounting.
+    in flight when the window closes. With `honour_retry_after`, a 503/429 carrying Retry-After
+    is retried after that wait (at most `max_retry_after_s`, with jitter). See the module
+    docstring for the exact accounting.
     """
     _check_args(concurrency, rate, duration_s, warmup_s, timeout_s, arrival, max_connections)
+    if not max_retry_after_s >= 0:
+        raise ValueError(f"max_retry_after_s must be >= 0, got {max_retry_after_s}")
+    retry_cap = max_retry_after_s if honour_retry_after else None
     method = method.upper()
     target = _parse_url(url)
     requests = _build_requests(target, method, bodies, content_type, headers)
     head_only = method == "HEAD"
     stats = _Stats(time.perf_counter(), warmup_s, duration_s)
     if concurrency is not None:
-        await _run_closed(target, requests, concurrency, stats, timeout_s, head_only)
+        await _run_closed(target, requests, concurrency, stats, timeout_s, head_only, retry_cap)
     else:
         assert rate is not None
         await _run_open(target, requests, rate, arrival, stats, timeout_s, head_only,
-                        max_connections)
+                        max_connections, retry_cap)
     return _summarize(stats, label, concurrency, rate, duration_s)
 
 
@@ -529,10 +615,13 @@ def run_load_sync(
     label: str = "",
     arrival: Arrival = "fixed",
     max_connections: int = MAX_CONNECTIONS,
+    honour_retry_after: bool = True,
+    max_retry_after_s: float = MAX_RETRY_AFTER_S,
 ) -> LoadResult:
     """Blocking `run_load` on a fresh event loop (uvloop if importable); not from inside a loop."""
     return _run_coroutine(run_load(
         url, bodies, content_type=content_type, headers=headers, method=method,
         concurrency=concurrency, rate=rate, duration_s=duration_s, warmup_s=warmup_s,
         timeout_s=timeout_s, label=label, arrival=arrival, max_connections=max_connections,
+        honour_retry_after=honour_retry_after, max_retry_after_s=max_retry_after_s,
     ))

@@ -1,7 +1,7 @@
 """Front side of an LLM entry: tokenizer, replica sockets, and one `Generation` per request.
 
     LLMClient.start(prompt ids, params, adapter)  ──Generate──▶ LLM worker
-    Generation.events()  ◀── Tokens (routed here by the front's Dispatcher) ── detokenize, stop sequences
+    Generation.events()  ◀── Tokens (routed here by the front's Router) ── detokenize, stop sequences
 
 `start` returns only after the first token (or an error) arrived, so errors such as an unknown
 adapter become proper 4xx responses before any streaming starts. A generation closed early
@@ -11,37 +11,25 @@ adapter become proper 4xx responses before any streaming starts. A generation cl
 from __future__ import annotations
 
 import asyncio
-import itertools
-import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
-import zmq
 import zmq.asyncio
 
-from tandem.errors import (
-    InvalidInput,
-    ModelNotFound,
-    Overloaded,
-    RequestTimeout,
-    TandemError,
-    TooManyTokens,
-    WorkerDied,
-)
+from tandem.errors import ErrorKind, InvalidInput, Overloaded, RequestTimeout, TooManyTokens, error_for
+from tandem.llm.messages import AdapterOp, AdapterReply, Cancel, Generate, TokenItem, Tokens
+from tandem.llm.metrics import llm_metrics
 from tandem.llm.params import SamplingParams
 from tandem.llm.text import Detokenizer, StopMatcher, load_tokenizer
 from tandem.serving.layout import RunLayout
-from tandem.serving.messages import AdapterOp, AdapterReply, Cancel, Generate, TokenItem, Tokens, encoder
-from tandem.serving.metrics import metrics
-from tandem.serving.replicas import least_busy, push_socket
+from tandem.serving.messages import encoder
+from tandem.serving.replicas import ReplicaSet, next_request_id
 from tandem.serving.repository import ModelEntry
 
 __all__ = ["GenEvent", "Generation", "LLMClient"]
-
-_ERRORS: dict[str, type[TandemError]] = {"not_found": ModelNotFound, "invalid": TooManyTokens,
-                                         "overloaded": Overloaded, "died": WorkerDied}
 
 
 @dataclass(frozen=True)
@@ -84,7 +72,7 @@ class Generation:
             item = await self._next()
             if item.error:
                 self.done = True
-                raise error_for(item.error_kind)(item.error)
+                raise error_for(item.error_kind or ErrorKind.INTERNAL, item.error)
             text, stop = self.stops.feed(detok.push(item.token))
             finish: str | None = item.finish or None
             if stop is not None:
@@ -98,11 +86,13 @@ class Generation:
         self.client.forget(self)
         if not self.done:
             self.done = True
-            await self.client.sockets[self.replica].send(encoder.encode(Cancel(self.req_id)))
+            await self.client.replicas.send(self.replica, encoder.encode(Cancel(req_id=self.req_id)))
 
 
 class LLMClient:
-    """Per-front connection to the replicas of one LLM entry."""
+    """Per-front connection to the replicas of one LLM entry (the kind's `FrontClient`)."""
+
+    kind = "llm"
 
     def __init__(self, entry: ModelEntry, ctx: zmq.asyncio.Context, layout: RunLayout, front: int) -> None:
         cfg = entry.config.llm
@@ -113,18 +103,29 @@ class LLMClient:
         self.special_ids = frozenset(self.tokenizer.all_special_ids)
         self.max_total_tokens = cfg.total_tokens(entry.config.path)
         self.timeout_s = entry.config.timeout_s
-        n = entry.config.instances
-        self.sockets = [self._socket(r) for r in range(n)]
-        self.up = [True] * n
-        self.outstanding = [0] * n
+        endpoints = [layout.task_endpoint(entry.index, r) for r in range(entry.config.instances)]
+        self.replicas = ReplicaSet(ctx, endpoints, entry.key)
         self.streams: dict[int, Generation] = {}
         self.ops: dict[int, asyncio.Future[AdapterReply]] = {}
-        self._ids = itertools.count((os.getpid() & 0xFFFFFF) << 32 | 1)
         self.adapter_dir_names = cfg.adapter_dirs or sorted({str(Path(p).parent) for p in cfg.adapters.values()})
         self.adapter_dirs = [cfg.resolve(entry.config.path, d) for d in self.adapter_dir_names]
 
-    def _socket(self, replica: int) -> zmq.asyncio.Socket:
-        return push_socket(self.ctx, self.layout.task_endpoint(self.entry.index, replica))
+    @property
+    def ready(self) -> bool:
+        return self.replicas.ready
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.streams) + len(self.ops)
+
+    async def close(self) -> None:
+        """Nothing to release: the router destroys the sockets with its context."""
+
+    def on_message(self, msg: Any) -> None:
+        if isinstance(msg, Tokens):
+            self.on_tokens(msg)
+        elif isinstance(msg, AdapterReply):
+            self.on_reply(msg)
 
     # -- generation --------------------------------------------------------------------------------
     def check_length(self, prompt: list[int], max_new_tokens: int) -> None:
@@ -139,18 +140,19 @@ class LLMClient:
                     stops: list[str] | None = None, include_stop: bool = True) -> Generation:
         """Send the request and wait for its first token; raises the mapped error if it fails at once."""
         self.check_length(prompt, params.max_new_tokens)
-        replica = least_busy(self.up, self.outstanding, self.key)
-        gen = Generation(self, next(self._ids), replica, prompt, StopMatcher(stops or []), include_stop)
+        replica = self.replicas.pick()
+        gen = Generation(self, next_request_id(), replica, prompt, StopMatcher(stops or []), include_stop)
         self.streams[gen.req_id] = gen
-        self.outstanding[replica] += 1
+        self.replicas.outstanding[replica] += 1
         t0 = time.perf_counter()
         try:
-            await self.sockets[replica].send(encoder.encode(Generate(gen.req_id, self.front, prompt, params, adapter)))
+            msg = Generate(req_id=gen.req_id, front=self.front, prompt=prompt, params=params, adapter=adapter)
+            await self.replicas.send(replica, encoder.encode(msg))
             gen.first = await gen._next()
-            metrics().llm_ttft.labels(self.name).observe(time.perf_counter() - t0)
+            llm_metrics().llm_ttft.labels(self.name).observe(time.perf_counter() - t0)
             if gen.first.error:
                 gen.done = True
-                raise error_for(gen.first.error_kind)(gen.first.error)
+                raise error_for(gen.first.error_kind or ErrorKind.INTERNAL, gen.first.error)
         except BaseException:
             await gen.close()
             raise
@@ -158,7 +160,7 @@ class LLMClient:
 
     def forget(self, gen: Generation) -> None:
         if self.streams.pop(gen.req_id, None) is not None:
-            self.outstanding[gen.replica] -= 1
+            self.replicas.outstanding[gen.replica] -= 1
 
     def on_tokens(self, msg: Tokens) -> None:
         for item in msg.items:
@@ -169,6 +171,8 @@ class LLMClient:
     # -- adapters ----------------------------------------------------------------------------------
     def confine(self, path: str) -> Path:
         """Resolve an adapter path named by a request; it must lie inside a configured adapter dir."""
+        if "\x00" in path:
+            raise InvalidInput("lora_path must not contain a NUL byte")
         p = Path(path).expanduser()
         resolved = (p if p.is_absolute() else self.adapter_dirs[0] / p).resolve() if self.adapter_dirs else None
         if resolved is None or not any(resolved.is_relative_to(d) for d in self.adapter_dirs):
@@ -177,20 +181,20 @@ class LLMClient:
             raise InvalidInput(f"lora_path {path!r} is outside the allowed adapter directories: {allowed}")
         return resolved
 
-    async def adapter_op(self, kind: str, name: str = "", path: str = "") -> AdapterReply:
+    async def adapter_op(self, kind: Literal["load", "unload", "list"], name: str = "",
+                         path: str = "") -> AdapterReply:
         """Run a load/unload/list on every live replica; returns the first failure or the last reply."""
         loop = asyncio.get_running_loop()
         waits = []
-        for r, sock in enumerate(self.sockets):
-            if not self.up[r]:
-                continue
-            op_id = next(self._ids)
+        for r in self.replicas.live():
+            op_id = next_request_id()
             fut: asyncio.Future[AdapterReply] = loop.create_future()
             self.ops[op_id] = fut
             waits.append(fut)
-            await sock.send(encoder.encode(AdapterOp(op_id, self.front, kind, name, path)))
+            op = AdapterOp(op_id=op_id, front=self.front, kind=kind, name=name, path=path)
+            await self.replicas.send(r, encoder.encode(op))
         if not waits:
-            raise Overloaded(f"{self.key} has no live replica (restarting); retry shortly")
+            raise Overloaded(f"{self.key} has no live replica (restarting); retry shortly", retry_after=2.0)
         try:
             replies = await asyncio.wait_for(asyncio.gather(*waits), max(60.0, self.timeout_s))
         except TimeoutError:
@@ -210,17 +214,11 @@ class LLMClient:
 
     # -- replica health ----------------------------------------------------------------------------
     def replica_down(self, replica: int) -> None:
-        self.up[replica] = False
-        self.sockets[replica].close(linger=0)
-        self.sockets[replica] = self._socket(replica)
+        self.replicas.mark_down(replica)
         for gen in self.streams.values():
             if gen.replica == replica:
-                gen.queue.put_nowait(TokenItem(gen.req_id, -1, error=(
-                    f"LLM worker {self.key}#{replica} died while running this request"), error_kind="died"))
+                gen.queue.put_nowait(TokenItem(req_id=gen.req_id, token=-1, error=(
+                    f"LLM worker {self.key}#{replica} died while running this request"), error_kind=ErrorKind.DIED))
 
     def replica_up(self, replica: int) -> None:
-        self.up[replica] = True
-
-
-def error_for(kind: str) -> type[TandemError]:
-    return _ERRORS.get(kind, WorkerDied)
+        self.replicas.mark_up(replica)

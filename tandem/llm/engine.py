@@ -23,7 +23,7 @@ from torch import Tensor
 from tandem.llm.adapters import AdapterStore
 from tandem.llm.lora import LoraBank, SlotCopies
 from tandem.llm.model import KVCache, LlamaWeights, forward
-from tandem.llm.sampling import SamplerState, SamplingParams, choose, note_token
+from tandem.llm.sampling import SamplerState, SamplingParams, choose, note_token, to_host
 
 __all__ = ["Engine", "EngineLimits", "GenInput", "StepOutput"]
 
@@ -186,7 +186,7 @@ class Engine:
         lengths = torch.tensor([len(s.inp.prompt) for s in new], device=dev)
         logits = forward(self.w, tokens.to(dev), self.cache, torch.arange(first, first + S, device=dev),
                          torch.zeros(S, dtype=torch.long, device=dev), lengths, lengths - 1,
-                         self.bank.hook([s.bank_slot for s in new], self.rows, first))  # [S, V]
+                         self.bank.hook([s.bank_slot for s in new], self.rows, first), prefill=True)  # [S, V]
         for s in new:
             s.length = len(s.inp.prompt)
         return self._emit(new, logits)
@@ -195,10 +195,12 @@ class Engine:
         seqs = self.running
         dev = self.w.device
         tokens = torch.tensor([[s.next_token] for s in seqs], device=dev)  # [S, 1]
-        starts = torch.tensor([s.length for s in seqs], device=dev)
+        host_starts = [s.length for s in seqs]
+        starts = torch.tensor(host_starts, device=dev)  # [S]
         logits = forward(self.w, tokens, self.cache, torch.arange(len(seqs), device=dev), starts, starts + 1,
                          torch.zeros(len(seqs), dtype=torch.long, device=dev),
-                         self.bank.hook([s.bank_slot for s in seqs], self.rows, 0))
+                         self.bank.hook([s.bank_slot for s in seqs], self.rows, 0),
+                         n_ctx=max(host_starts) + 1)  # known here: no device read inside forward
         for s in seqs:
             s.length += 1
         return self._emit(list(seqs), logits)
@@ -206,9 +208,8 @@ class Engine:
     def _emit(self, seqs: list[_Seq], logits: Tensor) -> list[StepOutput]:
         states = [s.sampler for s in seqs]
         tokens, logprobs = choose(logits, states)
-        note_token(states, tokens)
-        token_list = tokens.tolist()
-        lp_list = logprobs.tolist() if logprobs is not None else [0.0] * len(seqs)
+        token_list, lp_list = to_host(tokens, logprobs)  # the step's one device -> host transfer
+        note_token(states, token_list)
         outs, done = [], []
         for s, tok, lp in zip(seqs, token_list, lp_list):
             s.generated += 1

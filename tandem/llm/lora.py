@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,9 +71,12 @@ def _read_config(path: Path, name: str) -> dict[str, object]:
         raise AdapterError(f"adapter {name!r}: no adapter_config.json in {path} (expected a PEFT LoRA folder)")
     try:
         cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
+    except (ValueError, OSError) as e:  # JSON or UTF-8 errors, a folder of that name, no permission
         raise AdapterError(f"adapter {name!r}: adapter_config.json is not valid JSON: {e}") from None
-    if not isinstance(cfg, dict) or cfg.get("peft_type", "LORA") != "LORA":
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"adapter {name!r}: adapter_config.json must hold a JSON object, not "
+                           f"{type(cfg).__name__}")
+    if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"adapter {name!r}: peft_type {cfg.get('peft_type')!r} is not supported (LORA only)")
     for key, feature in _REFUSED_FEATURES.items():
         if cfg.get(key):
@@ -82,21 +86,59 @@ def _read_config(path: Path, name: str) -> dict[str, object]:
     return cfg
 
 
-def _scale(cfg: dict[str, object], module_key: str, rank: int) -> float:
-    alpha = float(cfg.get("lora_alpha", 8))  # type: ignore[arg-type]
-    for pattern, value in dict(cfg.get("alpha_pattern") or {}).items():  # type: ignore[call-overload]
-        if module_key.endswith(pattern):
-            alpha = float(value)
-    return alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+def _pattern_value(cfg: dict[str, object], field: str, module_name: str, name: str) -> object | None:
+    r"""The value of the first key of `rank_pattern` / `alpha_pattern` matching the module, as PEFT does it.
+
+    PEFT (`peft.utils.other.get_pattern_key`) treats each key as a regex that must match the END of
+    the full module name at a dot boundary, `re.match(rf"(.*\.)?({key})$", name)`, and the first
+    matching key in config order wins. So 'layers.1.self_attn.q_proj' matches layer 1 only (a
+    plain suffix test also matches layer 11), 'proj' matches no module (a suffix test matches
+    every one) and 'layers\.[01]\.self_attn\.q_proj' is a regex.
+    """
+    patterns = cfg.get(field) or {}
+    if not isinstance(patterns, dict):
+        raise AdapterError(f"adapter {name!r}: {field} must be a mapping, not {patterns!r}")
+    for key, value in patterns.items():
+        try:
+            matched = re.match(rf"(.*\.)?({key})$", module_name)
+        except re.error as e:
+            raise AdapterError(f"adapter {name!r}: {field} key {key!r} is not a valid regex: {e}") from None
+        if matched:
+            return value
+    return None
 
 
-def _parse_key(key: str) -> tuple[int, str, str] | None:
-    """'base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight' -> (3, 'q_proj', 'A')."""
+def _scale(cfg: dict[str, object], module_name: str, rank: int, name: str) -> float:
+    """PEFT's scaling of one module: lora_alpha (or its alpha_pattern value) / r, or / sqrt(r) with rsLoRA."""
+    alpha = _pattern_value(cfg, "alpha_pattern", module_name, name)
+    field = "lora_alpha" if alpha is None else f"alpha_pattern value for {module_name}"
+    alpha = cfg.get("lora_alpha", 8) if alpha is None else alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+        raise AdapterError(f"adapter {name!r}: adapter_config.json {field} must be a finite number, not {alpha!r}")
+    rslora = cfg.get("use_rslora")
+    if rslora is not None and not isinstance(rslora, bool):
+        raise AdapterError(f"adapter {name!r}: adapter_config.json use_rslora must be true or false, not {rslora!r}")
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def _check_rank(cfg: dict[str, object], module_name: str, rank: int, name: str) -> None:
+    """The rank PEFT would build the module with (rank_pattern, else r) must be the weights' rank."""
+    want = _pattern_value(cfg, "rank_pattern", module_name, name)
+    if want is None:
+        want = cfg.get("r")
+    if want is not None and want != rank:
+        raise AdapterError(f"adapter {name!r}: {module_name} has rank {rank} in adapter_model.safetensors, but "
+                           f"adapter_config.json (r / rank_pattern) gives it rank {want}")
+
+
+def _parse_key(key: str) -> tuple[int, str, str, str] | None:
+    """'base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight' -> (3, 'q_proj', 'A',
+    'model.layers.3.self_attn.q_proj'), the last being the module's name as PEFT matches patterns against it."""
     parts = key.split(".")
     if "layers" not in parts or len(parts) < 4 or parts[-1] != "weight" or parts[-2] not in ("lora_A", "lora_B"):
         return None
     i = parts.index("layers")
-    return int(parts[i + 1]), parts[-3], parts[-2][-1]
+    return int(parts[i + 1]), parts[-3], parts[-2][-1], ".".join(parts[:-2]).removeprefix("base_model.model.")
 
 
 def _read_tensors(path: Path, name: str) -> dict[str, Tensor]:
@@ -131,18 +173,24 @@ def _check_pair(name: str, spec: LlamaSpec, layer: int, module: str, a: Tensor, 
 
 def load_adapter(name: str, path: Path, spec: LlamaSpec, max_rank: int) -> AdapterWeights:
     """Read and validate a PEFT LoRA folder for this base model; errors say what is wrong and why."""
-    if not path.is_dir():
+    try:
+        found = path.is_dir()
+    except OSError as e:  # e.g. a name over the file system's limit
+        raise AdapterError(f"adapter {name!r}: cannot read folder {path}: {e.strerror}") from None
+    if not found:
         raise AdapterError(f"adapter {name!r}: folder {path} not found")
     cfg = _read_config(path, name)
     tensors = _read_tensors(path, name)
     pairs: dict[tuple[int, str], dict[str, Tensor]] = {}
+    module_names: dict[tuple[int, str], str] = {}
     for key, t in tensors.items():
         parsed = _parse_key(key)
         if parsed is None:
             raise AdapterError(f"adapter {name!r}: unexpected tensor {key!r} (only lora_A/lora_B of decoder "
                                "layers are supported; embedding or lm_head adapters are not)")
-        layer, module, which = parsed
+        layer, module, which, module_name = parsed
         pairs.setdefault((layer, module), {})[which] = t
+        module_names[(layer, module)] = module_name
     if not pairs:
         raise AdapterError(f"adapter {name!r}: adapter_model.safetensors holds no LoRA weights")
     factors: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
@@ -151,7 +199,8 @@ def load_adapter(name: str, path: Path, spec: LlamaSpec, max_rank: int) -> Adapt
             raise AdapterError(f"adapter {name!r}: layer {layer} {module} lacks lora_{'B' if 'A' in ab else 'A'}")
         a, b = ab["A"].float(), ab["B"].float()
         _check_pair(name, spec, layer, module, a, b, max_rank)
-        scale = _scale(cfg, f"layers.{layer}.{module}", a.shape[0])
+        _check_rank(cfg, module_names[(layer, module)], a.shape[0], name)
+        scale = _scale(cfg, module_names[(layer, module)], a.shape[0], name)
         factors[(layer, module)] = (a.t().contiguous(), (b.t() * scale).contiguous())
     rank = max(a.shape[1] for a, _ in factors.values())
     return AdapterWeights(name, path, rank, factors)

@@ -228,23 +228,23 @@ def _with_lora(y: Tensor, x: Tensor, lora: LoraHook | None, layer: int, names: t
 
 
 def _attention(w: LlamaWeights, lw: LayerWeights, i: int, x: Tensor, cos: Tensor, sin: Tensor,
-               cache: KVCache, slots: Tensor, starts: Tensor, lengths: Tensor, lora: LoraHook | None) -> Tensor:
+               cache: KVCache, slots: Tensor, starts: Tensor, mask: Tensor | None, lora: LoraHook | None) -> Tensor:
+    # mask: None in prefill; decode: [S, 1, 1, n_ctx] bool, position < length (built once per forward)
     spec = w.spec
     S, L, _ = x.shape
     H, K, D = spec.n_heads, spec.n_kv_heads, spec.head_dim
     qkv = _with_lora(F.linear(x, lw.qkv, lw.qkv_bias), x, lora, i, LORA_GROUPS[0])  # [S, L, (H + 2K) * D]
     q, k, v = qkv.view(S, L, H + 2 * K, D).transpose(1, 2).split((H, K, K), dim=1)  # [S, *, L, D]
     q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-    if L > 1:  # prefill: every sequence starts at position 0 (starts == 0), right-padded to L
+    if mask is None:  # prefill: every sequence starts at position 0 (starts == 0), right-padded to L
         cache.k[i][slots, :, :L] = k
         cache.v[i][slots, :, :L] = v
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=K != H)
     else:  # decode: one new token per sequence at position starts[s]; slots are 0..S-1 (compacted)
+        n_ctx = mask.shape[-1]
         cache.k[i][slots, :, starts] = k[:, :, 0]
         cache.v[i][slots, :, starts] = v[:, :, 0]
-        n_ctx = int(lengths.max())
-        keys, values = cache.k[i][:S, :, :n_ctx], cache.v[i][:S, :, :n_ctx]  # views, no copy
-        mask = torch.arange(n_ctx, device=x.device)[None, None, None, :] < lengths[:, None, None, None]
+        keys, values = cache.k[i][:S, :, :n_ctx], cache.v[i][:S, :, :n_ctx]  # [S, K, n_ctx, D] views, no copy
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=K != H)
     out = out.transpose(1, 2).reshape(S, L, H * D)
     return _with_lora(F.linear(out, lw.o), out, lora, i, LORA_GROUPS[1])
@@ -258,21 +258,33 @@ def _mlp(w: LlamaWeights, lw: LayerWeights, i: int, x: Tensor, lora: LoraHook | 
 
 
 def forward(w: LlamaWeights, tokens: Tensor, cache: KVCache, slots: Tensor, starts: Tensor, lengths: Tensor,
-            last: Tensor, lora: LoraHook | None = None) -> Tensor:
+            last: Tensor, lora: LoraHook | None = None, *, n_ctx: int | None = None,
+            prefill: bool | None = None) -> Tensor:
     """Run S sequences for L tokens each and return the logits at `last` [S]: [S, V] (fp32).
 
     tokens: [S, L]; slots: [S] cache rows; starts: [S] position of tokens[:, 0];
     lengths: [S] sequence length after this call (decode: attention covers positions < length).
     Prefill calls have starts == 0 and right padding (pad positions are written to the cache but
     never attended to: decode masks by length and later tokens overwrite them).
+
+    n_ctx: max(lengths), given by callers that know it on the host (the engine): otherwise it is
+    read from the device once per call (a sync on CUDA), never per layer.
+    prefill: None = L > 1. Say True for one-token prompts: a decode call reads cache rows 0..S-1,
+    a prefill call writes rows `slots`, which start after the running sequences.
     """
     S, L = tokens.shape
     positions = starts[:, None] + torch.arange(L, device=tokens.device)[None, :]  # [S, L]
     cos, sin = _rope_tables(w, positions)
+    mask = None
+    if not (L > 1 if prefill is None else prefill):
+        if n_ctx is None:
+            n_ctx = int(lengths.max())  # the one device -> host read of a call without n_ctx
+        mask = torch.arange(n_ctx, device=tokens.device) < lengths[:, None]  # [S, n_ctx]
+        mask = mask[:, None, None, :]  # [S, 1, 1, n_ctx]: broadcast over heads and the query
     x = F.embedding(tokens, w.embed)  # [S, L, E]
     eps = w.spec.rms_eps
     for i, lw in enumerate(w.layers):
-        x = x + _attention(w, lw, i, _rms_norm(x, lw.ln1, eps), cos, sin, cache, slots, starts, lengths, lora)
+        x = x + _attention(w, lw, i, _rms_norm(x, lw.ln1, eps), cos, sin, cache, slots, starts, mask, lora)
         x = x + _mlp(w, lw, i, _rms_norm(x, lw.ln2, eps), lora)
     h = x[torch.arange(S, device=x.device), last]  # [S, E]: only the rows we sample from
     return F.linear(_rms_norm(h, w.norm, eps), w.lm_head).float()

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from tandem.llm.params import SamplingParams
 
-__all__ = ["SamplingParams", "SamplerState", "choose"]
+__all__ = ["SamplingParams", "SamplerState", "choose", "note_token", "to_host", "warp"]
 
 
 @dataclass
@@ -59,8 +59,9 @@ def _filter(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     ranks = torch.arange(V, device=logits.device)[None, :]
     drop = ranks >= k[:, None]
     probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
-    # top-p keeps the smallest prefix whose mass reaches p (the token crossing p stays)
-    drop |= (probs.cumsum(-1) - probs) >= top_p[:, None]
+    # top-p keeps the smallest prefix whose mass reaches p (the token crossing p stays); p = 1 is off
+    # (the fp32 running sum reaches 1.0 before the tail, which would otherwise drop tokens of mass ~1e-8)
+    drop |= ((probs.cumsum(-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1.0)
     drop[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
@@ -74,8 +75,28 @@ def _draw(logits: Tensor, states: list[SamplerState], rows: list[int]) -> Tensor
         if gen is not None:
             u[j] = torch.rand(1, generator=gen)[0]
     cdf = probs.cumsum(-1)
-    u = u.to(probs.device)[:, None] * cdf[:, -1:]
+    # token i is drawn iff cdf[i-1] < u <= cdf[i]: with u > 0 a zero-mass (filtered) token never is, even at u = 0
+    u = (u.to(probs.device)[:, None] * cdf[:, -1:]).clamp(min=torch.finfo(probs.dtype).tiny)
     return torch.searchsorted(cdf, u).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+
+def warp(logits: Tensor, states: list[SamplerState]) -> tuple[Tensor, list[int], Tensor | None]:
+    """The distributions `choose` picks from. logits: [S, V] fp32 (penalized in place).
+
+    Returns (scaled [S, V]: after repetition penalty and temperature, what greedy rows take the argmax
+    of and logprobs are read from; rows: the R sequences that sample; filtered [R, V] or None: their
+    scaled logits after top-k and top-p, -inf outside what may be drawn; a draw is softmax(filtered)).
+    """
+    logits = _penalize(logits, states)
+    temps = torch.tensor([s.params.temperature if s.params.do_sample else 1.0 for s in states],
+                         device=logits.device)[:, None]
+    scaled = logits / temps  # [S, V]
+    rows = [i for i, s in enumerate(states) if s.params.do_sample]
+    if not rows:
+        return scaled, rows, None
+    top_k = torch.tensor([states[i].params.top_k for i in rows], device=logits.device)
+    top_p = torch.tensor([states[i].params.top_p for i in rows], device=logits.device)
+    return scaled, rows, _filter(scaled[rows], top_k, top_p)
 
 
 def choose(logits: Tensor, states: list[SamplerState]) -> tuple[Tensor, Tensor | None]:
@@ -84,24 +105,29 @@ def choose(logits: Tensor, states: list[SamplerState]) -> tuple[Tensor, Tensor |
     Logprobs are of the model's distribution after repetition penalty and temperature, the
     distribution the token was drawn from before top-k/top-p truncation.
     """
-    logits = _penalize(logits, states)
-    temps = torch.tensor([s.params.temperature if s.params.do_sample else 1.0 for s in states],
-                         device=logits.device)[:, None]
-    scaled = logits / temps
-    tokens = scaled.argmax(-1)
-    rows = [i for i, s in enumerate(states) if s.params.do_sample]
-    if rows:
-        top_k = torch.tensor([states[i].params.top_k for i in rows], device=logits.device)
-        top_p = torch.tensor([states[i].params.top_p for i in rows], device=logits.device)
-        tokens[rows] = _draw(_filter(scaled[rows], top_k, top_p), states, rows)
+    scaled, rows, filtered = warp(logits, states)
+    tokens = scaled.argmax(-1)  # [S]
+    if filtered is not None:
+        tokens[rows] = _draw(filtered, states, rows)
     logprobs = None
     if any(s.params.logprobs for s in states):
         logprobs = scaled.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
     return tokens, logprobs
 
 
-def note_token(states: list[SamplerState], tokens: Tensor) -> None:
-    """Mark chosen tokens as seen for sequences with a repetition penalty."""
-    for s, t in zip(states, tokens.tolist()):
+def to_host(tokens: Tensor, logprobs: Tensor | None) -> tuple[list[int], list[float]]:
+    """tokens [S] and logprobs [S] (or None: zeros) as Python lists, in ONE device -> host copy.
+
+    Both travel as one fp64 [2, S] tensor: token ids (< 2^53) and fp32 logprobs are exact in fp64.
+    """
+    if logprobs is None:
+        return tokens.tolist(), [0.0] * tokens.shape[0]
+    both = torch.stack((tokens.to(torch.float64), logprobs.to(torch.float64))).tolist()  # [2, S]
+    return [int(t) for t in both[0]], both[1]
+
+
+def note_token(states: list[SamplerState], tokens: list[int]) -> None:
+    """Mark chosen tokens (already on the host) as seen for sequences with a repetition penalty."""
+    for s, t in zip(states, tokens):
         if s.seen is not None:
             s.seen[t] = True

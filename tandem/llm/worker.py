@@ -9,8 +9,6 @@ When idle it blocks on the socket, so an idle worker costs no CPU.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import time
 from collections import defaultdict
 from concurrent.futures import Future
@@ -20,22 +18,23 @@ from typing import Any
 
 import zmq
 
-from tandem.serving._proc import die_with_parent
-from tandem.serving.layout import RunLayout, report_ready, setup_or_report
-from tandem.serving.messages import (
+from tandem.errors import ErrorKind
+from tandem.llm.messages import (
+    AdapterInfo,
     AdapterOp,
     AdapterReply,
     Cancel,
     Generate,
-    Ready,
     TokenItem,
     Tokens,
-    decoder,
-    encoder,
+    worker_decoder,
 )
-from tandem.serving.metrics import metrics
+from tandem.llm.metrics import llm_metrics
+from tandem.serving.layout import RunLayout
+from tandem.serving.messages import encoder
 from tandem.serving.replicas import push_socket
 from tandem.serving.repository import ModelEntry
+from tandem.serving.worker_proc import run_worker
 
 __all__ = ["build_engine", "run_llm_worker"]
 
@@ -69,18 +68,26 @@ def build_engine(entry: ModelEntry, device: str) -> Any:
     return engine
 
 
+# The engine's error strings (engine.py) as the typed kinds the fronts map to statuses.
+_ENGINE_ERRORS = {"not_found": ErrorKind.NOT_FOUND, "invalid": ErrorKind.VALIDATION,
+                  "overloaded": ErrorKind.OVERLOADED}
+
+
 class _Loop:
     """The worker's message loop around one engine."""
 
-    def __init__(self, entry: ModelEntry, engine: Any, layout: RunLayout, replica: int) -> None:
-        self.entry, self.engine, self.layout = entry, engine, layout
+    def __init__(self, entry: ModelEntry, engine: Any, layout: RunLayout, replica: int, device: str) -> None:
+        self.entry, self.engine, self.layout, self.device = entry, engine, layout, device
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.tasks = self.ctx.socket(zmq.PULL)
         self.tasks.bind(layout.task_endpoint(entry.index, replica))
         self.results: dict[int, zmq.Socket[Any]] = {}
         self.pending_ops: list[tuple[AdapterOp, Future[Any]]] = []
         self.stopping = False
-        self.m = metrics()
+        self.m = llm_metrics()
+
+    def stop(self) -> None:
+        self.stopping = True
 
     def _send(self, front: int, msg: Tokens | AdapterReply) -> None:
         if front not in self.results:
@@ -96,7 +103,7 @@ class _Loop:
                         raw = self.tasks.recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    self._handle(decoder.decode(raw))
+                    self._handle(worker_decoder.decode(raw))
             self._finish_ops()
             if self.engine.has_work:
                 self._step()
@@ -114,7 +121,7 @@ class _Loop:
         self.m.llm_waiting.labels(name).set(len(eng.waiting))
         self._emit(outs)
 
-    def _handle(self, msg: Any) -> None:
+    def _handle(self, msg: Generate | Cancel | AdapterOp) -> None:
         from tandem.llm.engine import GenInput, StepOutput
 
         if isinstance(msg, Generate):
@@ -132,13 +139,15 @@ class _Loop:
     def _emit(self, outs: list[Any]) -> None:
         by_front: dict[int, list[TokenItem]] = defaultdict(list)
         for o in outs:
-            by_front[o.front].append(TokenItem(o.req_id, o.token, o.logprob, o.finish, o.error, o.error_kind))
+            by_front[o.front].append(TokenItem(req_id=o.req_id, token=o.token, logprob=o.logprob, finish=o.finish,
+                                               error=o.error, error_kind=_ENGINE_ERRORS.get(o.error_kind)))
         for front, items in by_front.items():
-            self._send(front, Tokens(self.entry.key, items))
+            self._send(front, Tokens(model=self.entry.uid, items=items))
 
-    def _reply(self, op: AdapterOp, error: str = "", kind: str = "") -> None:
-        infos = [asdict(i) for i in self.engine.adapters.infos()]
-        self._send(op.front, AdapterReply(self.entry.key, op.op_id, error, kind, infos))
+    def _reply(self, op: AdapterOp, error: str = "", kind: ErrorKind | None = None) -> None:
+        infos = [AdapterInfo(**asdict(i)) for i in self.engine.adapters.infos()]
+        self._send(op.front, AdapterReply(model=self.entry.uid, op_id=op.op_id, error=error, error_kind=kind,
+                                          adapters=infos))
 
     def _adapter_op(self, op: AdapterOp) -> None:
         store = self.engine.adapters
@@ -146,11 +155,10 @@ class _Loop:
             self._reply(op)
         elif op.kind == "unload":
             found = store.remove(op.name)
-            self._reply(op, "" if found else f"adapter {op.name!r} is not loaded", "" if found else "not_found")
-        elif op.kind == "load":
-            self.pending_ops.append((op, store.add(op.name, Path(op.path))))
+            self._reply(op, "" if found else f"adapter {op.name!r} is not loaded",
+                        None if found else ErrorKind.NOT_FOUND)
         else:
-            self._reply(op, f"unknown adapter operation {op.kind!r}", "invalid")
+            self.pending_ops.append((op, store.add(op.name, Path(op.path))))
 
     def _finish_ops(self) -> None:
         """Reply to adapter loads whose background thread finished; others keep decoding meanwhile."""
@@ -162,27 +170,20 @@ class _Loop:
                 self.engine.adapters.finish_add(fut.result())
                 self._reply(op)
             except AdapterError as e:
-                self._reply(op, str(e), "invalid")
+                self._reply(op, str(e), ErrorKind.INVALID)
             except Exception as e:  # noqa: BLE001 - a bad adapter must never take the engine down
                 logger.exception("loading adapter %s failed", op.name)
-                self._reply(op, f"loading adapter {op.name!r} failed: {type(e).__name__}: {e}", "invalid")
+                self._reply(op, f"loading adapter {op.name!r} failed: {type(e).__name__}: {e}", ErrorKind.INVALID)
 
 
-def run_llm_worker(entry: ModelEntry, replica: int, layout: RunLayout, parent_pid: int) -> None:
+def run_llm_worker(entry: ModelEntry, replica: int, layout: RunLayout, parent_pid: int, log_level: str) -> None:
     """Process entry point (spawned by the supervisor)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
-    die_with_parent(parent_pid)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s llm[{entry.key}#{replica}] %(message)s")
-    import torch
 
-    torch.set_num_threads(entry.threads())
-    device = entry.device()
-    loop = setup_or_report(layout, entry.key, replica,
-                           lambda: _Loop(entry, build_engine(entry, device), layout, replica))
+    def build() -> _Loop:
+        import torch
 
-    def _stop(signum: int, frame: Any) -> None:
-        loop.stopping = True
+        torch.set_num_threads(entry.threads())
+        device = entry.device()
+        return _Loop(entry, build_engine(entry, device), layout, replica, device)
 
-    signal.signal(signal.SIGTERM, _stop)
-    report_ready(layout, Ready("accel", entry.key, replica, os.getpid(), detail=device))
-    loop.run()
+    run_worker(entry, replica, layout, parent_pid, log_level, "llm", build)

@@ -30,7 +30,7 @@ from tandem.optimize.onnx_io import check_feeds, save_onnx, signature_of
 from tandem.optimize.plan import node_keys, read_precision_yaml, resolve_nodes, write_precision_yaml
 from tandem.optimize.report import write_report
 from tandem.optimize.runtime import Feeds, available_providers, make_session, run_batches, time_session
-from tandem.optimize.targets import get_target
+from tandem.optimize.targets import get_target, host_int8_saturates
 from tandem.optimize.types import Fp32Node, NodeError, PrecisionResult, Timing, Tolerance
 
 __all__ = ["OptimizeOptions", "Outcome", "default_targets", "optimize_onnx", "versions"]
@@ -90,14 +90,15 @@ def default_targets(provider: str) -> tuple[str, ...]:
 
 
 def versions() -> dict[str, str]:
-    """Library versions that decide the numbers (written into precision.yaml)."""
+    """Library versions, and the int8 weight width this CPU gets, that decide the numbers (precision.yaml)."""
     import onnxruntime
     import torch
 
     import tandem
 
     found = {"tandem": getattr(tandem, "__version__", "0"), "onnx": onnx.__version__,
-             "onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "numpy": np.__version__}
+             "onnxruntime": onnxruntime.__version__, "torch": torch.__version__, "numpy": np.__version__,
+             "int8_weights": "7-bit (x86 CPU without VNNI)" if host_int8_saturates() else "8-bit"}
     return {k: str(v) for k, v in found.items()}  # torch's version is a str subclass YAML cannot write
 
 

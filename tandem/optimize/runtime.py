@@ -20,13 +20,12 @@ import onnx
 
 from tandem.errors import OptimizeError
 from tandem.optimize.types import Timing
+from tandem.serving.runtimes import session_options
 
 __all__ = ["Feeds", "available_providers", "expose_outputs", "make_session", "profile_nodes", "provider_chain",
            "run_batches", "session_options", "time_session"]
 
 Feeds = dict[str, np.ndarray]
-_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
-           "all": "ORT_ENABLE_ALL"}
 _MAX_PROTO = 1_800_000_000  # protobuf's 2 GB limit, with room for the graph
 
 
@@ -34,18 +33,6 @@ def available_providers() -> list[str]:
     import onnxruntime as ort
 
     return list(ort.get_available_providers())
-
-
-def session_options(threads: int, level: str = "all") -> Any:
-    """ONNX Runtime options as Tandem runs every session: `threads` intra-op, one inter-op thread, and
-    graph optimization `level` (disable | basic | extended | all). The serving runtime uses them too."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[level])
-    return so
 
 
 def _options(threads: int, level: str, optimized_path: Path | None, profile_prefix: str | None) -> Any:

@@ -91,12 +91,13 @@ def entry_source(entry: Path, calibration: Path | None, out_dir: Path, batch_siz
 
     from tandem.optimize.export import export_callable
     from tandem.serving.repository import default_repository, instantiate, scan_repository
+    from tandem.serving.tensor_kind import TensorKind
 
     folder = entry if entry.is_dir() else default_repository() / str(entry)
     if not folder.is_dir():
         raise OptimizeError(f"{entry}: not a model folder nor a model of the built-in repository")
     try:
-        found = scan_repository(folder)[0]
+        found = scan_repository(folder, {"model": TensorKind()})[0]
     except ConfigError as e:
         raise OptimizeError(str(e)) from None
     calibration = calibration or folder / "calibration.jsonl"

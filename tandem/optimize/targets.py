@@ -9,12 +9,17 @@ whether a node really ran in FP32. Targets are looked up by name in `TARGETS`.
     int8-smooth    int8-dynamic after SmoothQuant moved activation outliers into the weights
     int8-static    int8 QDQ with activation ranges calibrated on the calibration set
     fp16, bf16     every float node in the low type, kept nodes in an FP32 island with explicit casts
+
+The int8 targets quantize weights to 7 bits on x86 CPUs without VNNI, whose u8s8 kernels would
+otherwise saturate (`int8_saturates`); `reduce_range` on a target overrides that.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import platform
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +32,7 @@ from tandem.optimize.lowp import convert_low_precision, low_nodes
 from tandem.optimize.runtime import Feeds
 from tandem.optimize.smooth import DEFAULT_ALPHA, smooth_matmuls
 
-__all__ = ["TARGETS", "Target", "get_target"]
+__all__ = ["TARGETS", "Target", "get_target", "host_int8_saturates", "int8_saturates"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,16 +119,51 @@ def _exclusions(keep: Sequence[str]) -> list[str]:
     return [*keep, *(f"{k}_MatMul" for k in keep)]
 
 
+_X86 = {"x86_64", "amd64", "x64", "i386", "i686", "x86"}
+_VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
+
+
+def int8_saturates(machine: str, cpu_flags: str | None) -> bool:
+    """Whether ONNX Runtime's u8s8 (uint8 activations x int8 weights) CPU kernels can overflow on this CPU.
+
+    Without VNNI, x86 MLAS multiplies with vpmaddubsw, which adds each pair of u8*s8 products into a
+    saturating int16: 2 * 255 * 127 > 32767, so full-range per-channel int8 weights give wrong sums
+    (onnxruntime's own guidance: `reduce_range=True` there, i.e. 7-bit weights, 2 * 255 * 64 fits).
+    VNNI (vpdpbusd) accumulates in int32, and ARM kernels widen first. `cpu_flags` is /proc/cpuinfo's
+    flags line; None (not Linux) on x86 counts as saturating, since 7-bit weights are right everywhere.
+    """
+    if machine.lower() not in _X86:
+        return False
+    return cpu_flags is None or not _VNNI_FLAGS & set(cpu_flags.split())
+
+
+@functools.cache
+def host_int8_saturates() -> bool:
+    """`int8_saturates` for the CPU this process runs on (the one the doctor measures on)."""
+    flags = None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = next((line.split(":", 1)[1] for line in f if line.startswith("flags")), None)
+    except OSError:
+        pass
+    return int8_saturates(platform.machine(), flags)
+
+
 _INT8_OPS = ["MatMul", "Gemm", "Conv", "Gather", "Attention", "LSTM", "EmbedLayerNormalization"]
 _STATIC_OPS = ["MatMul", "Gemm", "Conv"]
 
 
 class _Int8:
-    """What every int8 target shares: its candidates are the nodes of `ops` the quantizer rewrote, and
-    a kept node must not run as an integer kernel."""
+    """What every int8 target shares: its candidates are the nodes of `ops` the quantizer rewrote, a
+    kept node must not run as an integer kernel, and weights are 7-bit where 8-bit ones would saturate
+    the CPU's integer kernels (`reduce_range`: None decides by this host, see `int8_saturates`)."""
 
     ops: ClassVar[list[str]]
     precision = "int8"
+    reduce_range: bool | None
+
+    def _reduce(self) -> bool:
+        return host_int8_saturates() if self.reduce_range is None else self.reduce_range
 
     def candidates(self, model: onnx.ModelProto, converted: onnx.ModelProto) -> list[str]:
         return _replaced(model, converted, self.ops)
@@ -140,13 +180,14 @@ class Int8DynamicTarget(_Int8):
     """int8 weights (per output channel) with activations quantized at run time; ops in `_INT8_OPS`."""
 
     name: str = "int8-dynamic"
+    reduce_range: bool | None = None
     ops: ClassVar[list[str]] = _INT8_OPS
 
     def build(self, model: onnx.ModelProto, keep: Sequence[str]) -> onnx.ModelProto:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         def run(m: onnx.ModelProto, out: Path) -> None:
-            quantize_dynamic(m, out, per_channel=True, weight_type=QuantType.QInt8,
+            quantize_dynamic(m, out, per_channel=True, reduce_range=self._reduce(), weight_type=QuantType.QInt8,
                              op_types_to_quantize=_INT8_OPS, nodes_to_exclude=_exclusions(keep),
                              extra_options={"MatMulConstBOnly": True})
 
@@ -189,6 +230,7 @@ class Int8StaticTarget(_Int8):
 
     name: str = "int8-static"
     calibration: Sequence[Feeds] = field(default_factory=list)
+    reduce_range: bool | None = None
     ops: ClassVar[list[str]] = _STATIC_OPS
 
     def build(self, model: onnx.ModelProto, keep: Sequence[str]) -> onnx.ModelProto:
@@ -199,6 +241,7 @@ class Int8StaticTarget(_Int8):
 
         def run(m: onnx.ModelProto, out: Path) -> None:
             quantize_static(m, out, _Reader(self.calibration), quant_format=QuantFormat.QDQ, per_channel=True,
+                            reduce_range=self._reduce(),
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             op_types_to_quantize=_STATIC_OPS, nodes_to_exclude=_exclusions(keep),
                             extra_options={"MatMulConstBOnly": True})

@@ -11,15 +11,12 @@ written back into each request's slot.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import time
 from typing import Any
 
 import numpy as np
 import zmq
 
-from tandem.serving._proc import die_with_parent
 from tandem.serving.batcher import (
     ArrivalTracker,
     Pending,
@@ -29,12 +26,13 @@ from tandem.serving.batcher import (
     plan_micro_batches,
     split_rows,
 )
-from tandem.serving.layout import RunLayout, report_ready, setup_or_report
-from tandem.serving.messages import Ready, Result, Task, decoder, encoder
+from tandem.serving.layout import RunLayout
+from tandem.serving.messages import Result, Task, encoder, task_decoder
 from tandem.serving.replicas import push_socket
 from tandem.serving.repository import ModelEntry
 from tandem.serving.runtimes import Runtime, load_runtime, warm_up_batches
 from tandem.serving.shm import Arena
+from tandem.serving.worker_proc import run_worker
 
 __all__ = ["run_accel_worker"]
 
@@ -83,7 +81,8 @@ class _Worker:
         self.arenas: dict[int, Arena] = {}
         self.pending: list[Pending] = []
         self.arrivals = ArrivalTracker()
-        self.stop = False
+        self.device = runtime.device
+        self.stopping = False
         from tandem.serving.metrics import metrics
 
         self.metrics = metrics()
@@ -106,9 +105,7 @@ class _Worker:
                 raw = self.pull.recv(zmq.NOBLOCK, copy=True)
             except zmq.Again:
                 return
-            msg = decoder.decode(raw)
-            if isinstance(msg, Task):
-                self.accept(msg)
+            self.accept(task_decoder.decode(raw))
 
     def accept(self, task: Task) -> None:
         self.arrivals.arrived(task)
@@ -119,7 +116,7 @@ class _Worker:
         try:
             arrays = {m.name: arena.view(task.slot, m) for m in task.inputs}
         except ValueError as e:
-            self.reply(task, Result(task.req_id, [], error=str(e)))
+            self.reply(task, Result(model=self.entry.uid, req_id=task.req_id, outputs=[], error=str(e)))
             return
         self.pending.append(Pending(task, time.monotonic(), arrays))
 
@@ -156,7 +153,8 @@ class _Worker:
         except Exception as e:  # the boundary: predict's failure goes to each request, not the worker
             logger.exception("predict failed for %s", self.entry.key)
             for p in batch:
-                self.reply(p.task, Result(p.task.req_id, [], error=f"predict failed: {type(e).__name__}: {e}"))
+                self.reply(p.task, Result(model=self.entry.uid, req_id=p.task.req_id, outputs=[],
+                                          error=f"predict failed: {type(e).__name__}: {e}"))
             return
         self.metrics.predict_time.labels(name).observe(time.monotonic() - start)
         self.metrics.batch_size.labels(name).observe(sum(p.rows for p in batch))
@@ -181,11 +179,22 @@ class _Worker:
             self.arrivals.finished(p.task)
             return  # the front gave up on this request; never write into a reused slot
         try:
-            metas = arena.write(p.task.slot, rows)
-            result = Result(p.task.req_id, metas)
+            result = Result(model=self.entry.uid, req_id=p.task.req_id, outputs=arena.write(p.task.slot, rows))
         except ValueError as e:
-            result = Result(p.task.req_id, [], error=f"output does not fit the slot: {e}")
+            result = Result(model=self.entry.uid, req_id=p.task.req_id, outputs=[],
+                            error=f"output does not fit the slot: {e}")
         self.reply(p.task, result)
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    def run(self) -> None:
+        """Serve until stopped, then finish what is pending (SIGTERM drains)."""
+        try:
+            while not self.stopping or self.pending:
+                self.step()
+        finally:
+            self.close()
 
     def close(self) -> None:
         for sock in [self.pull, *self.pushes.values()]:
@@ -195,23 +204,7 @@ class _Worker:
             arena.close()
 
 
-def run_accel_worker(entry: ModelEntry, replica: int, layout: RunLayout, parent_pid: int) -> None:
+def run_accel_worker(entry: ModelEntry, replica: int, layout: RunLayout, parent_pid: int, log_level: str) -> None:
     """Process entry point (started with spawn by the supervisor)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when workers stop
-    die_with_parent(parent_pid)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s accel[{entry.key}#{replica}] %(message)s")
-    def build() -> _Worker:
-        return _Worker(entry, replica, layout, _setup_runtime(entry))
-
-    worker = setup_or_report(layout, entry.key, replica, build)
-
-    def _stop(signum: int, frame: object) -> None:
-        worker.stop = True
-
-    signal.signal(signal.SIGTERM, _stop)
-    report_ready(layout, Ready("accel", entry.key, replica, os.getpid(), detail=worker.runtime.device))
-    try:
-        while not worker.stop or worker.pending:
-            worker.step()
-    finally:
-        worker.close()
+    run_worker(entry, replica, layout, parent_pid, log_level, "accel",
+               lambda: _Worker(entry, replica, layout, _setup_runtime(entry)))

@@ -5,21 +5,10 @@ Every process computes the same names from the same `RunLayout`, so no addresses
 
 from __future__ import annotations
 
-import logging
-import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
 
-import zmq
-
-from tandem.serving.messages import Ready, encoder
-
-T = TypeVar("T")
-logger = logging.getLogger(__name__)
-
-__all__ = ["RunLayout", "report_ready", "setup_or_report"]
+__all__ = ["RunLayout"]
 
 
 @dataclass(frozen=True)
@@ -29,7 +18,6 @@ class RunLayout:
     run_dir: Path
     shm_dir: Path
     shm_prefix: str  # e.g. "tandem-<supervisor pid>-<random>"
-    n_fronts: int
 
     def task_endpoint(self, model_index: int, replica: int) -> str:
         return f"ipc://{self.run_dir}/task-{model_index}-{replica}"
@@ -54,22 +42,3 @@ class RunLayout:
 
     def arena_path(self, front: int, model_index: int) -> Path:
         return self.shm_dir / self.arena_name(front, model_index)
-
-
-def report_ready(layout: RunLayout, ready: Ready) -> None:
-    """Tell the supervisor that this process finished (or failed) its start-up."""
-    ctx: zmq.Context[Any] = zmq.Context.instance()
-    sock = ctx.socket(zmq.PUSH)
-    sock.connect(layout.control_endpoint)
-    sock.send(encoder.encode(ready))
-    sock.close(linger=2000)
-
-
-def setup_or_report(layout: RunLayout, model: str, replica: int, build: Callable[[], T]) -> T:
-    """Run a worker's set-up; on failure tell the supervisor why (it stops the start) and exit."""
-    try:
-        return build()
-    except Exception as e:
-        logger.exception("worker set-up failed")
-        report_ready(layout, Ready("accel", model, replica, os.getpid(), error=f"{type(e).__name__}: {e}"))
-        raise SystemExit(1) from None

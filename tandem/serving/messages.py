@@ -5,21 +5,24 @@
     supervisor ──Event────▶ fronts                   (PUB/SUB: replica down / up)
     worker, front ──Ready─▶ supervisor               (PUSH/PULL, start-up handshake)
 
-LLM entries stream tokens instead (token ids are small, so they travel in the messages):
-    front ──Generate / Cancel / AdapterOp──▶ LLM worker
-    front ◀──Tokens (one per front per step) / AdapterReply── LLM worker
+Live model repository (Triton's extension; the supervisor owns every process, so fronts ask it):
+    front ──RepoOp (index / load / unload)──▶ supervisor        (the control socket)
+    front ◀──RepoReply── supervisor                               (events, for that front)
+    fronts ◀──EntriesChanged── supervisor; ──EntriesAck──▶       (add clients / drain and drop them)
+
+Other kinds define their own messages next to their code (e.g. `tandem/llm/messages.py`); every
+message a worker sends to a front carries `model` (the entry key) so the front's router hands it to
+that entry's client without knowing the kind.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Literal
 
 import msgspec
 
-from tandem.llm.params import SamplingParams
-
-__all__ = ["AdapterOp", "AdapterReply", "Cancel", "Event", "Generate", "Ready", "Result", "Task", "TensorMeta",
-           "TokenItem", "Tokens", "decoder", "encoder"]
+__all__ = ["EntriesAck", "EntriesChanged", "EntrySource", "Event", "Ready", "RepoModel", "RepoOp", "RepoReply",
+           "Result", "Task", "TensorMeta", "control_decoder", "encoder", "events_decoder", "task_decoder"]
 
 
 class TensorMeta(msgspec.Struct, array_like=True, frozen=True):
@@ -47,15 +50,16 @@ class Task(msgspec.Struct, tag="task", array_like=True):
 class Result(msgspec.Struct, tag="result", array_like=True):
     """Outputs of one request written back into its slot, or an error."""
 
+    model: str  # entry uid: the front's router hands the result to that entry's client
     req_id: int
     outputs: list[TensorMeta]
     error: str = ""
 
 
 class Event(msgspec.Struct, tag="event", array_like=True):
-    """Supervisor news for fronts: kind is 'down' or 'up' for replica `replica` of model `model`."""
+    """Supervisor news for fronts: replica `replica` of model `model` went down or came up."""
 
-    kind: str
+    kind: Literal["down", "up"]
     model: str
     replica: int
 
@@ -63,68 +67,69 @@ class Event(msgspec.Struct, tag="event", array_like=True):
 class Ready(msgspec.Struct, tag="ready", array_like=True):
     """Start-up handshake: a worker finished `setup` (or failed with `error`)."""
 
-    role: str
+    role: Literal["front", "accel"]
     model: str
     index: int
     pid: int
     error: str = ""
-    detail: str = ""
+    device: str = ""  # where an accelerator replica runs
 
 
-class Generate(msgspec.Struct, tag="gen", array_like=True):
-    """Start generating for one request: prompt token ids, sampling parameters, adapter ('' = base)."""
-
-    req_id: int
-    front: int
-    prompt: list[int]
-    params: SamplingParams
-    adapter: str = ""
-
-
-class Cancel(msgspec.Struct, tag="cancel", array_like=True):
-    """The client went away (or a stop sequence matched): free the request's slot now."""
-
-    req_id: int
-
-
-class TokenItem(msgspec.Struct, array_like=True):
-    """One generated token of one request, or its error. finish: '' | 'length' | 'eos_token'."""
-
-    req_id: int
-    token: int
-    logprob: float = 0.0
-    finish: str = ""
-    error: str = ""
-    error_kind: str = ""  # '' | 'not_found' | 'invalid' | 'overloaded'
-
-
-class Tokens(msgspec.Struct, tag="tokens", array_like=True):
-    """Everything one engine step produced for one front's requests."""
-
-    model: str
-    items: list[TokenItem]
-
-
-class AdapterOp(msgspec.Struct, tag="adapter_op", array_like=True):
-    """Load ('load', name, path), unload ('unload', name) or list ('list') adapters of an LLM worker."""
+class RepoOp(msgspec.Struct, tag="repo_op", array_like=True):
+    """A front asks the supervisor to list the repository, or to load (start or replace) or unload a model."""
 
     op_id: int
     front: int
-    kind: str
+    kind: Literal["index", "load", "unload"]
     name: str = ""
-    path: str = ""
 
 
-class AdapterReply(msgspec.Struct, tag="adapter_reply", array_like=True):
-    """The outcome of an AdapterOp, with the adapters known afterwards (dicts of AdapterInfo fields)."""
+class RepoModel(msgspec.Struct, array_like=True, frozen=True):
+    """One model version of the repository: served (READY) or not (UNAVAILABLE, with the reason)."""
 
-    model: str
+    name: str
+    version: str
+    state: Literal["READY", "UNAVAILABLE"]
+    reason: str = ""
+
+
+class RepoReply(msgspec.Struct, tag="repo_reply", array_like=True):
+    """The outcome of a RepoOp, for front `front`."""
+
     op_id: int
+    front: int
     error: str = ""
-    error_kind: str = ""
-    adapters: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    error_kind: str = ""  # an ErrorKind value when error is set
+    models: list[RepoModel] = msgspec.field(default_factory=list)
 
 
-Message = Task | Result | Event | Ready | Generate | Cancel | Tokens | AdapterOp | AdapterReply
+class EntrySource(msgspec.Struct, array_like=True, frozen=True):
+    """Where an entry is defined, so each front builds the same ModelEntry the supervisor validated."""
+
+    index: int
+    folder: str  # the settings folder (tandem.yaml)
+    code: str  # the folder whose model.py defines the class
+    name: str
+    version: str | None
+
+
+class EntriesChanged(msgspec.Struct, tag="entries", array_like=True):
+    """Fronts: add clients for `added` (ready replicas), then drain and drop the clients of `removed` uids."""
+
+    op_id: int
+    added: list[EntrySource] = msgspec.field(default_factory=list)
+    removed: list[str] = msgspec.field(default_factory=list)
+
+
+class EntriesAck(msgspec.Struct, tag="entries_ack", array_like=True):
+    """A front applied an EntriesChanged (added clients exist; removed ones have no request left)."""
+
+    op_id: int
+    front: int
+    error: str = ""
+
+
 encoder = msgspec.msgpack.Encoder()
-decoder = msgspec.msgpack.Decoder(Message)
+task_decoder = msgspec.msgpack.Decoder(Task)  # what a tensor worker receives
+control_decoder = msgspec.msgpack.Decoder(Ready | RepoOp | EntriesAck)  # what the supervisor receives
+events_decoder = msgspec.msgpack.Decoder(Event | RepoReply | EntriesChanged)  # what fronts subscribe to

@@ -1,7 +1,8 @@
 """Prometheus metrics, correct across processes (prometheus_client multiprocess mode).
 
 The supervisor sets PROMETHEUS_MULTIPROC_DIR before it spawns anything; every process then writes
-its samples to files there and `/metrics` (served by any front) aggregates them all.
+its samples to files there and `/metrics` (served by any front) aggregates them all. Kinds add
+their own metric families next to their code (e.g. `tandem/llm/metrics.py`).
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-__all__ = ["Metrics", "metrics", "mark_dead", "render"]
+__all__ = ["LATENCY_BUCKETS", "Metrics", "metrics", "mark_dead", "render"]
 
-_LAT = (.001, .0025, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5, 10, 30)
+LATENCY_BUCKETS = _LAT = (.001, .0025, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5, 10, 30)
 _BATCH = (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
 
 
@@ -29,12 +30,6 @@ class Metrics:
     batch_size: Any
     in_flight: Any
     restarts: Any
-    llm_running: Any
-    llm_waiting: Any
-    llm_tokens: Any
-    llm_step_time: Any
-    llm_cancelled: Any
-    llm_ttft: Any
 
 
 @cache
@@ -54,13 +49,6 @@ def metrics() -> Metrics:
         batch_size=Histogram("tandem_batch_size", "Rows per predict() call", m, buckets=_BATCH),
         in_flight=Gauge("tandem_in_flight", "Requests being handled", m, multiprocess_mode="livesum"),
         restarts=Counter("tandem_worker_restarts", "Worker processes restarted", ["role", "model"]),
-        llm_running=Gauge("tandem_llm_running", "Sequences in the KV cache", m, multiprocess_mode="livesum"),
-        llm_waiting=Gauge("tandem_llm_waiting", "Requests queued for a KV slot", m, multiprocess_mode="livesum"),
-        llm_tokens=Counter("tandem_llm_tokens", "Tokens processed", ["model", "phase"]),
-        llm_step_time=Histogram("tandem_llm_step_seconds", "Engine step time", ["model", "phase"], buckets=_LAT),
-        llm_cancelled=Counter("tandem_llm_cancelled", "Requests cancelled (client gone or stop sequence)", m),
-        llm_ttft=Histogram("tandem_llm_time_to_first_token_seconds", "From request to first token", m,
-                           buckets=_LAT),
     )
 
 

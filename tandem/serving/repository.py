@@ -2,7 +2,9 @@
 
 A folder may instead hold version sub-folders (`1/`, `2/`), each with a `tandem.yaml` and
 optionally its own `model.py`; a version without one uses the model folder's `model.py`, so
-versions that differ only in settings or weights share their code.
+versions that differ only in settings or weights share their code. A folder with only a
+`tandem.yaml` is an entry when its `kind:` names a kind that needs no code (e.g. `kind: llm`).
+Each entry is built by its kind (`Kind.entry`); this module names no kind.
 """
 
 from __future__ import annotations
@@ -12,14 +14,19 @@ import inspect
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from tandem.config import BatchingConfig, ModelConfig, available_cpus, load_model_config
 from tandem.errors import ConfigError
-from tandem.model import Model, TensorSpec
+from tandem.model import Model, TensorSpec, check_signature
 
-__all__ = ["ModelEntry", "default_repository", "instantiate", "load_model_class", "scan_repository"]
+if TYPE_CHECKING:
+    from tandem.serving.kinds import Kinds
+
+__all__ = ["Found", "ModelEntry", "build_entry", "default_repository", "find_model", "instantiate", "load_model_class",
+           "repository_versions", "scan_repository", "tensor_entry"]
 
 
 def default_repository() -> Path:
@@ -47,8 +54,10 @@ def load_model_class(folder: Path, key: str) -> type[Model]:
         names = ", ".join(c.__name__ for c in classes) or "none"
         raise ConfigError(f"{path}: expected exactly one tandem.Model subclass, found {names}")
     cls = classes[0]
-    if not cls.inputs or not cls.outputs:
-        raise ConfigError(f"{path}: {cls.__name__} must declare `inputs` and `outputs` TensorSpec lists")
+    try:
+        check_signature(cls)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: {e}") from None
     return cls
 
 
@@ -69,13 +78,9 @@ class ModelEntry:
         return self.config.key
 
     @property
-    def is_llm(self) -> bool:
-        return self.config.kind == "llm"
-
-    @property
-    def runtime(self) -> str:
-        """What runs each batch: "torch" (model.py's predict) or "onnxruntime" (the `onnx:` artefact)."""
-        return self.config.runtime
+    def uid(self) -> str:
+        """Unique for the server's lifetime, also while a replaced version drains: routes messages."""
+        return f"{self.config.key}@{self.index}"
 
     @property
     def platform(self) -> str:
@@ -88,9 +93,7 @@ class ModelEntry:
 
     @property
     def slot_payload(self) -> int:
-        if self.is_llm:  # token ids travel in messages: no arena
-            return 0
-        # Each tensor is 64-byte aligned inside a slot.
+        """Bytes of one request's slot: every tensor of max_request_rows rows, each 64-byte aligned."""
         n = len(self.inputs) + len(self.outputs)
         return self.item_bytes * self.max_request_rows + 64 * n
 
@@ -110,13 +113,11 @@ class ModelEntry:
 _PLATFORMS = {"torch": "tandem_pytorch", "onnxruntime": "onnxruntime_onnx"}
 
 
-def _entry(index: int, folder: Path, code: Path, name: str, version: str | None) -> ModelEntry:
-    config = load_model_config(folder, name, version)
-    if config.kind == "llm":
-        return llm_entry(index, config)
+def tensor_entry(index: int, config: ModelConfig, code: Path) -> ModelEntry:
+    """A tensor-model entry: model.py's Model subclass gives the signature and default batching."""
     artefact = config.onnx_path()
     if artefact is not None and not artefact.is_file():
-        raise ConfigError(f"{folder / 'tandem.yaml'}: onnx.path {artefact} not found (fix: write the ONNX "
+        raise ConfigError(f"{config.path / 'tandem.yaml'}: onnx.path {artefact} not found (fix: write the ONNX "
                           "artefact there, e.g. with `tandem optimize`, or correct onnx.path)")
     cls = load_model_class(code, config.key)
     batching = config.batching or BatchingConfig(
@@ -125,18 +126,17 @@ def _entry(index: int, folder: Path, code: Path, name: str, version: str | None)
     return ModelEntry(index, config, batching, tuple(cls.inputs), tuple(cls.outputs), max(1, rows), code)
 
 
-def llm_entry(index: int, config: ModelConfig) -> ModelEntry:
-    """An LLM entry: no model.py, no tensor signature; its worker streams tokens."""
-    assert config.llm is not None
-    model_dir = config.llm.model_dir(config.path)
-    if not (model_dir / "config.json").exists():
-        raise ConfigError(f"{config.path / 'tandem.yaml'}: llm.path {config.llm.path!r} -> {model_dir} has no "
-                          "config.json (fix: point it at a Hugging Face model folder)")
-    return ModelEntry(index, config, BatchingConfig(max_batch_size=config.llm.max_batch_size), (), (), 1,
-                      config.path)
+def _entry(index: int, kinds: Kinds, folder: Path, code: Path, name: str, version: str | None) -> ModelEntry:
+    config = load_model_config(folder, name, version)
+    kind = kinds.get(config.kind)
+    if kind is None:
+        raise ConfigError(f"{folder / 'tandem.yaml'}: kind {config.kind!r} is not served by this build "
+                          f"(fix: one of {sorted(kinds)})")
+    return kind.entry(index, config, code)
 
 
-def _is_llm_folder(folder: Path) -> bool:
+def _codeless_kind(folder: Path, kinds: Kinds) -> bool:
+    """A folder without model.py whose tandem.yaml names a kind that needs none."""
     path = folder / "tandem.yaml"
     if (folder / "model.py").exists() or not path.exists():
         return False
@@ -144,7 +144,8 @@ def _is_llm_folder(folder: Path) -> bool:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError:
         return False
-    return isinstance(raw, dict) and raw.get("kind") == "llm"
+    kind = kinds.get(raw.get("kind", "")) if isinstance(raw, dict) else None
+    return kind is not None and not kind.needs_code
 
 
 _Found = tuple[Path, Path, str, str | None]  # (settings folder, code folder, name, version)
@@ -163,7 +164,7 @@ def _versions(child: Path) -> list[_Found]:
     return found
 
 
-def _model_folders(repo: Path) -> list[_Found]:
+def _model_folders(repo: Path, kinds: Kinds) -> list[_Found]:
     """Every model version in `repo`: a model folder, or its version sub-folders."""
     if (repo / "model.py").exists():  # a single model folder passed directly
         return [(repo, repo, repo.name, None)]
@@ -172,19 +173,52 @@ def _model_folders(repo: Path) -> list[_Found]:
         versions = _versions(child)
         if versions:
             found.extend(versions)
-        elif (child / "model.py").exists() or _is_llm_folder(child):
+        elif (child / "model.py").exists() or _codeless_kind(child, kinds):
             found.append((child, child, child.name, None))
     return found
 
 
-def scan_repository(repo: Path) -> list[ModelEntry]:
-    """Load and validate every model of a repository; errors name the file and field."""
+Found = _Found
+
+
+def find_model(repo: Path, kinds: Kinds, name: str) -> list[_Found]:
+    """The version folders of the model served as `name` (its tandem.yaml `name`, else its folder name)."""
+    if not repo.is_dir():
+        raise ConfigError(f"{repo}: model repository not found")
+    matches = []
+    for found in _model_folders(repo, kinds):
+        folder, _, default_name, version = found
+        if default_name == name or load_model_config(folder, default_name, version).name == name:
+            matches.append(found)
+    return matches
+
+
+def repository_versions(repo: Path, kinds: Kinds) -> list[tuple[str, str]]:
+    """(name, version) of every model version in the repository, read from tandem.yaml only; broken ones skipped."""
+    out = []
+    for folder, _, default_name, version in _model_folders(repo, kinds) if repo.is_dir() else []:
+        try:
+            config = load_model_config(folder, default_name, version)
+        except ConfigError:
+            out.append((default_name, version or "1"))
+            continue
+        out.append((config.name, config.version))
+    return out
+
+
+def build_entry(index: int, kinds: Kinds, found: _Found) -> ModelEntry:
+    """The entry of one found version folder (the same on every process that builds it)."""
+    return _entry(index, kinds, *found)
+
+
+def scan_repository(repo: Path, kinds: Kinds) -> list[ModelEntry]:
+    """Load and validate every model of a repository with the kinds given; errors name the file and field."""
     if not repo.is_dir():
         raise ConfigError(f"{repo}: model repository not found (fix: pass a folder of model folders)")
-    folders = _model_folders(repo)
+    folders = _model_folders(repo, kinds)
     if not folders:
         raise ConfigError(f"{repo}: no model folders with a model.py inside")
-    entries = [_entry(i, *found) for i, found in enumerate(folders)]
+    entries = [_entry(i, kinds, *found) for i, found in enumerate(folders)]
     keys = [e.key for e in entries]
     dupes = sorted({k for k in keys if keys.count(k) > 1})
     if dupes:

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
     from tandem.model import Model
 
-__all__ = ["RUNTIMES", "OnnxRuntime", "Runtime", "TorchRuntime", "load_runtime", "rss_bytes", "warm_up_batches"]
+__all__ = ["RUNTIMES", "OnnxRuntime", "Runtime", "TorchRuntime", "load_runtime", "rss_bytes", "session_options",
+           "warm_up_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -183,10 +184,24 @@ def _artefact(entry: ModelEntry) -> Path:
     return path
 
 
-def _session(entry: ModelEntry, path: Path, device: str) -> ort.InferenceSession:
+_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+           "all": "ORT_ENABLE_ALL"}
+
+
+def session_options(threads: int, level: str = "all") -> Any:
+    """ONNX Runtime options as Tandem runs every session: `threads` intra-op, one inter-op thread, and
+    graph optimization `level` (disable | basic | extended | all). `tandem optimize` uses them too."""
     import onnxruntime as ort
 
-    from tandem.optimize.runtime import session_options
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[level])
+    return so
+
+
+def _session(entry: ModelEntry, path: Path, device: str) -> ort.InferenceSession:
+    import onnxruntime as ort
 
     assert entry.config.onnx is not None
     options = session_options(entry.threads(), entry.config.onnx.graph_optimization)

@@ -158,6 +158,11 @@ class SlotPool:
         self.arena = arena
         self._free = list(range(arena.n_slots - 1, -1, -1))
 
+    @property
+    def free(self) -> int:
+        """Slots free right now."""
+        return len(self._free)
+
     def acquire(self, owner: int) -> int | None:
         if not self._free:
             return None

@@ -29,8 +29,9 @@ import zmq
 
 from tandem.config import ServerConfig, available_cpus
 from tandem.errors import ConfigError
+from tandem.serving.kinds import Kinds
 from tandem.serving.layout import RunLayout
-from tandem.serving.messages import Event, Ready, decoder, encoder
+from tandem.serving.messages import Event, Ready, control_decoder, encoder
 from tandem.serving.repository import ModelEntry
 from tandem.serving.shm import Arena, arena_bytes, check_shm_space
 
@@ -85,10 +86,12 @@ class Supervisor:
 
     entries: list[ModelEntry]
     server: ServerConfig
+    kinds: Kinds
     n_fronts: int = 0
     layout: RunLayout = field(init=False)
     procs: list[_Proc] = field(default_factory=list)
-    arenas: list[Arena] = field(default_factory=list)
+    arenas: dict[int, list[Arena]] = field(default_factory=dict)  # entry index -> one arena per front
+    repo: Path | None = None  # the model repository folder, for the live repository API (None: none)
     port: int = 0
     stopping: bool = False
     interrupted: bool = False
@@ -98,10 +101,12 @@ class Supervisor:
 
         self.n_fronts = self.n_fronts or default_cpu_workers(self.entries, self.server)
         run_dir = Path(tempfile.mkdtemp(prefix="tandem-"))
-        self.layout = RunLayout(run_dir, Path(shm_dir()), f"tandem-{os.getpid()}-{uuid.uuid4().hex[:6]}",
-                                self.n_fronts)
+        self.layout = RunLayout(run_dir, Path(shm_dir()), f"tandem-{os.getpid()}-{uuid.uuid4().hex[:6]}")
         self.mp = mp.get_context("spawn")
         self.ctx = zmq.Context()
+        from tandem.serving.live_repo import LiveRepository
+
+        self.live = LiveRepository(self)
 
     # -- start-up ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -124,7 +129,7 @@ class Supervisor:
 
     def _start(self) -> None:
         sweep_stale_arenas(self.layout.shm_dir)
-        self._create_arenas()
+        self.create_arenas(self.entries)
         self.layout.metrics_dir.mkdir()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(self.layout.metrics_dir)
         self.control = self.ctx.socket(zmq.PULL)
@@ -134,20 +139,28 @@ class Supervisor:
         for entry in self.entries:
             for r in range(entry.config.instances):
                 self.procs.append(self._spawn("accel", r, entry))
-        self._await_ready("accel")
+        self.await_ready([p for p in self.procs if p.role == "accel"])
         self.sock = self._bind()
         for i in range(self.n_fronts):
             self.procs.append(self._spawn("front", i, None))
-        self._await_ready("front")
+        self.await_ready([p for p in self.procs if p.role == "front"])
+        self.live.remember_start()
 
-    def _create_arenas(self) -> None:
-        tensor_entries = [e for e in self.entries if not e.is_llm]  # LLM tokens travel in messages
-        need = sum(arena_bytes(e.config.queue_size, e.slot_payload) for e in tensor_entries) * self.n_fronts
+    def create_arenas(self, entries: list[ModelEntry]) -> None:
+        """One arena per front for each entry whose kind needs one (its size from the kind)."""
+        payloads = {e.index: self.kinds[e.config.kind].arena_bytes(e) for e in entries}
+        with_arena = [e for e in entries if payloads[e.index]]  # 0: the kind needs no arena
+        need = sum(arena_bytes(e.config.queue_size, payloads[e.index]) for e in with_arena) * self.n_fronts
         check_shm_space(need, str(self.layout.shm_dir))
-        for front in range(self.n_fronts):
-            for e in tensor_entries:
-                self.arenas.append(Arena.create(self.layout.arena_name(front, e.index), e.config.queue_size,
-                                                e.slot_payload, str(self.layout.shm_dir)))
+        for e in with_arena:
+            self.arenas[e.index] = [
+                Arena.create(self.layout.arena_name(front, e.index), e.config.queue_size, payloads[e.index],
+                             str(self.layout.shm_dir)) for front in range(self.n_fronts)]
+
+    def release_arenas(self, index: int) -> None:
+        for arena in self.arenas.pop(index, []):
+            arena.close()
+            arena.unlink()
 
     def _bind(self) -> socket.socket:
         family = socket.AF_INET6 if ":" in self.server.host else socket.AF_INET
@@ -163,56 +176,81 @@ class Supervisor:
         self.port = sock.getsockname()[1]
         return sock
 
+    def spawn_replicas(self, entry: ModelEntry) -> list[_Proc]:
+        procs = [self._spawn("accel", r, entry) for r in range(entry.config.instances)]
+        self.procs.extend(procs)
+        return procs
+
     def _spawn(self, role: str, index: int, entry: ModelEntry | None) -> _Proc:
         if role == "accel":
-            from tandem.llm.worker import run_llm_worker
-            from tandem.serving.accel_worker import run_accel_worker
-
             assert entry is not None
-            target = run_llm_worker if entry.is_llm else run_accel_worker
-            proc = self.mp.Process(target=target, args=(entry, index, self.layout, os.getpid()),
+            target = self.kinds[entry.config.kind].worker(entry)
+            proc = self.mp.Process(target=target, args=(entry, index, self.layout, os.getpid(), self.server.log_level),
                                    name=f"tandem-accel-{entry.key}-{index}")
         else:
             from tandem.serving.front import run_front
 
             proc = self.mp.Process(target=run_front, name=f"tandem-front-{index}", args=(
-                index, self.entries, self.layout, self.sock, self.server, os.getpid()))
+                index, self.entries, self.kinds, self.layout, self.sock, self.server, os.getpid()))
         proc.start()
         return _Proc(role, index, entry, proc)
 
-    def _await_ready(self, role: str) -> None:
+    def await_ready(self, procs: list[_Proc], watch: bool = False) -> None:
+        """Wait until every process in `procs` reported ready; `watch` keeps restarting the others meanwhile."""
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while any(p.role == role and not p.ready for p in self.procs):
+        pids = {p.process.pid for p in procs}
+        while any(not p.ready for p in procs):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{role} processes not ready after {STARTUP_TIMEOUT_S:.0f} s")
-            for p in self.procs:
-                if p.role == role and not p.ready and not p.process.is_alive():
+                raise RuntimeError(f"processes not ready after {STARTUP_TIMEOUT_S:.0f} s")
+            for p in procs:
+                if not p.ready and not p.process.is_alive():
                     raise RuntimeError(f"{p.process.name} exited with code {p.process.exitcode} during start")
-            ready = self._poll_control(200)
-            if ready is not None and ready.error:
+            ready = self.poll_control(200)
+            if ready is not None and ready.error and ready.pid in pids:
                 what = f"model {ready.model} replica {ready.index}" if ready.role == "accel" else "front"
                 raise RuntimeError(f"{what} failed to start: {ready.error}")
+            if watch:
+                self.watch()
 
-    def _poll_control(self, timeout_ms: int) -> Ready | None:
+    def poll_control(self, timeout_ms: int) -> Ready | None:
+        """Handle one control message: a Ready is returned; repository ops and acks go to `live`."""
         if not self.control.poll(timeout_ms):
             return None
-        msg = decoder.decode(self.control.recv())
+        msg = control_decoder.decode(self.control.recv())
         if not isinstance(msg, Ready):
+            self.live.receive(msg)
             return None
         for p in self.procs:
             if p.process.pid == msg.pid:
                 p.ready = not msg.error
-                p.device = msg.detail
-                if p.ready and p.role == "accel" and p.restarts:
-                    self._publish(Event("up", msg.model, msg.index))
+                p.device = msg.device
+                if p.ready and p.entry is not None and p.restarts:
+                    self.publish(Event(kind="up", model=p.entry.uid, replica=msg.index))
         return msg
 
     def devices(self, key: str) -> list[str]:
         """Devices the replicas of model `key` reported (the supervisor itself never imports torch)."""
         return [p.device for p in self.procs if p.entry is not None and p.entry.key == key]
 
-    def _publish(self, event: Event) -> None:
-        self.events.send(encoder.encode(event))
+    def publish(self, msg: Any) -> None:
+        self.events.send(encoder.encode(msg))
+
+    def stop_procs(self, procs: list[_Proc], timeout: float) -> None:
+        """SIGTERM these processes (they finish what they hold), then kill what outlives `timeout`."""
+        for p in procs:
+            if p in self.procs:
+                self.procs.remove(p)  # never restarted
+        alive = [p.process for p in procs if p.process.is_alive()]
+        for proc in alive:
+            if proc.pid:
+                os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in alive:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                logger.warning("%s did not stop in %.0f s; killing it", proc.name, timeout)
+                proc.kill()
+                proc.join(5)
 
     # -- running -----------------------------------------------------------------------------------
     def run_forever(self) -> None:
@@ -226,12 +264,13 @@ class Supervisor:
             self.stopping = True
         try:
             while not self.stopping:
-                self._poll_control(200)
-                self._watch()
+                self.poll_control(200)
+                self.watch()
+                self.live.tick()
         finally:
             self.shutdown()
 
-    def _watch(self) -> None:
+    def watch(self) -> None:
         from tandem.serving.metrics import mark_dead, metrics
 
         now = time.monotonic()
@@ -246,7 +285,7 @@ class Supervisor:
                 metrics().restarts.labels(p.role, name).inc()
                 if p.role == "accel":
                     assert p.entry is not None
-                    self._publish(Event("down", p.entry.key, p.index))
+                    self.publish(Event(kind="down", model=p.entry.uid, replica=p.index))
                 backoff = min(30.0, self.server.restart_backoff_s * 2 ** min(p.restarts, 6))
                 p.next_start = now + (backoff if p.restarts else 0.0)
             if p.next_start and now >= p.next_start:
@@ -258,26 +297,11 @@ class Supervisor:
     def shutdown(self) -> None:
         """Drain fronts, stop workers, unlink every arena and the run directory. Idempotent."""
         self.stopping = True
-        self._stop_role("front", self.server.drain_timeout_s + 5)
-        self._stop_role("accel", 15)
-        for arena in self.arenas:
-            arena.close()
-            arena.unlink()
-        self.arenas.clear()
+        self.stop_procs([p for p in self.procs if p.role == "front"], self.server.drain_timeout_s + 5)
+        self.stop_procs(list(self.procs), 15)
+        for index in list(self.arenas):
+            self.release_arenas(index)
         if getattr(self, "sock", None) is not None:
             self.sock.close()
         self.ctx.destroy(linger=0)
         shutil.rmtree(self.layout.run_dir, ignore_errors=True)
-
-    def _stop_role(self, role: str, timeout: float) -> None:
-        procs = [p.process for p in self.procs if p.role == role and p.process.is_alive()]
-        for proc in procs:
-            if proc.pid:
-                os.kill(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for proc in procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
-            if proc.is_alive():
-                logger.warning("%s did not stop in %.0f s; killing it", proc.name, timeout)
-                proc.kill()
-                proc.join(5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures as cf
 import io
 from collections.abc import Iterator
@@ -39,12 +40,17 @@ def reference_embeddings() -> np.ndarray:
     return np.asarray(st.encode(SENTENCES, normalize_embeddings=True))
 
 
-def _jpeg(w: int = 320, h: int = 240, seed: int = 0, fmt: str = "JPEG") -> bytes:
-    rng = np.random.default_rng(seed)
-    img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+def _encode(pixels: np.ndarray, fmt: str = "JPEG") -> bytes:
     buf = io.BytesIO()
-    img.save(buf, format=fmt)
+    Image.fromarray(pixels).save(buf, format=fmt)
     return buf.getvalue()
+
+
+def _photo(name: str, fmt: str) -> bytes:
+    """A real photograph bundled in scikit-image's wheel (no download), encoded as `fmt`."""
+    import skimage.data
+
+    return _encode(np.asarray(getattr(skimage.data, name)()), fmt)
 
 
 def test_embeddings_match_sentence_transformers_in_mixed_batches(
@@ -64,17 +70,34 @@ def test_embeddings_match_sentence_transformers_in_mixed_batches(
 
 
 def test_image_classifier_top5(default_server: Server) -> None:
-    with default_server.client() as c:
-        jpeg = c.post("/predictions/image-classifier", content=_jpeg(), headers={"content-type": "image/jpeg"})
-        png = c.post("/predictions/image-classifier", content=_jpeg(200, 300, 1, "PNG"),
-                     headers={"content-type": "image/png"})
-    for r in (jpeg, png):
+    """Real photos, raw JPEG/PNG and base64 JSON, concurrently: the ImageNet class in the top-5."""
+    cat_png, coffee_jpeg = _photo("chelsea", "PNG"), _photo("coffee", "JPEG")
+    cats = {"tabby, tabby cat", "tiger cat", "Egyptian cat"}
+
+    def classify(case: tuple[bytes, str, bool]) -> dict:
+        body, content_type, as_json = case
+        with default_server.client() as c:
+            if as_json:
+                r = c.post("/predictions/image-classifier", json={"image": base64.b64encode(body).decode()})
+            else:
+                r = c.post("/predictions/image-classifier", content=body, headers={"content-type": content_type})
         assert r.status_code == 200, r.text
-        body = r.json()
-        assert len(body["predictions"]) == 5
-        assert "random" in body["weights"]
+        return dict(r.json())
+
+    cases = [(cat_png, "image/png", False), (coffee_jpeg, "image/jpeg", False), (cat_png, "", True),
+             (coffee_jpeg, "", True)]
+    with cf.ThreadPoolExecutor(len(cases)) as pool:  # concurrent: they may share a batch
+        bodies = list(pool.map(classify, cases))
+    for body, expected in zip(bodies, [cats, {"espresso"}, cats, {"espresso"}]):
+        labels = [p["label"] for p in body["predictions"]]
+        assert len(labels) == 5 and labels[0] in expected, body  # so the class is in the top-5 too
+        assert "efficientnet-lite0" in body["weights"] and "ImageNet" in body["weights"]
         scores = [p["score"] for p in body["predictions"]]
         assert scores == sorted(scores, reverse=True)
+    for raw, as_json in ((bodies[0], bodies[2]), (bodies[1], bodies[3])):  # same image, same answer
+        assert [p["index"] for p in raw["predictions"]] == [p["index"] for p in as_json["predictions"]]
+        np.testing.assert_allclose([p["score"] for p in raw["predictions"]],
+                                   [p["score"] for p in as_json["predictions"]], atol=1e-4)
 
 
 def test_default_repo_bad_inputs(default_server: Server) -> None:
@@ -97,7 +120,8 @@ def test_tritonclient_json_and_binary(default_server: Server, reference_embeddin
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready("embeddings")
     meta = client.get_model_metadata("embeddings")
-    assert [i["name"] for i in meta["inputs"]] == ["input_ids", "attention_mask"]
+    assert [i["name"] for i in meta["inputs"]] == ["text"]  # request level; the tensor signature:
+    assert [i["name"] for i in meta["parameters"]["tensor_inputs"]] == ["input_ids", "attention_mask"]
 
     tok = Tokenizer.from_file(str(get_model_path() / "tokenizer.json"))
     tok.no_padding()

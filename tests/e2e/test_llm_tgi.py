@@ -1,7 +1,8 @@
-"""The unmodified TGI clients against `tandem serve` on the built-in tiny-llm (base copies, adapters transform).
+"""The unmodified TGI client (`huggingface_hub.InferenceClient.text_generation`) against `tandem serve` on the
+built-in tiny-llm (base copies, adapters transform).
 
-`text_generation.Client` (TGI's own client) has no adapter_id, so it covers the base model;
-`huggingface_hub.InferenceClient.text_generation(..., adapter_id=...)` covers adapters.
+The client posts to the base URL (TGI's `/` compat route, `stream` in the body) and parses TGI's details,
+stream events and typed errors; raw httpx covers `/generate` and `/generate_stream`, which it never calls.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ import time
 import httpx
 import pytest
 from huggingface_hub import InferenceClient
-from text_generation import Client
-from text_generation.errors import BadRequestError
+from huggingface_hub.errors import ValidationError
 
 from tests.conftest import Server
 
@@ -24,33 +24,61 @@ EXPECT = {"": "hello", "reverse": "olleh", "upper": "HELLO", "sort": "ehllo"}
 @pytest.fixture(autouse=True)
 def _hub_client_may_reach_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
     """HF_HUB_OFFLINE=1 (no hub downloads in tests) also blocks InferenceClient's calls to our own
-    loopback server; lift it for these tests only. Nothing here talks to the hub."""
+    loopback server (huggingface_hub checks it on every request); lift it for these tests only.
+    Nothing here talks to the hub."""
     from huggingface_hub import constants
-    from huggingface_hub.utils import reset_sessions
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    reset_sessions()
 
 
-def test_text_generation_client_base_model(llm_server: Server) -> None:
-    client = Client(llm_server.url, timeout=60)
-    resp = client.generate("hello=", max_new_tokens=12)
+def test_inference_client_base_model_details(llm_server: Server) -> None:
+    client = InferenceClient(llm_server.url, timeout=60)
+    resp = client.text_generation("hello=", max_new_tokens=12, details=True)
     assert resp.generated_text == "hello"
-    assert resp.details.finish_reason.value == "eos_token"
+    assert resp.details is not None and resp.details.finish_reason == "eos_token"
     assert resp.details.generated_tokens == len("hello") + 1  # the EOS token counts
     assert [t.text for t in resp.details.tokens][:5] == list("hello")
     assert all(t.logprob is not None and t.logprob <= 0 for t in resp.details.tokens)
-    streamed = list(client.generate_stream("hello=", max_new_tokens=12))
+    assert resp.details.tokens[-1].special and not any(t.special for t in resp.details.tokens[:5])
+    streamed = list(client.text_generation("hello=", max_new_tokens=12, details=True, stream=True))
     assert "".join(r.token.text for r in streamed if not r.token.special) == "hello"
+    assert all(r.token.logprob <= 0 for r in streamed)
+    assert all(r.generated_text is None and r.details is None for r in streamed[:-1])
     assert streamed[-1].generated_text == "hello" and streamed[-1].details is not None
+    assert streamed[-1].details.finish_reason == "eos_token"
+    assert streamed[-1].details.generated_tokens == len("hello") + 1
 
 
-def test_text_generation_client_errors(llm_server: Server) -> None:
-    client = Client(llm_server.url, timeout=60)
-    with pytest.raises(BadRequestError, match="typical_p"):
-        client.generate("hello=", typical_p=0.5)
-    with pytest.raises(Exception, match="max_total_tokens"):
-        client.generate("x" * 60 + "=", max_new_tokens=10)
+def test_inference_client_errors(llm_server: Server) -> None:
+    client = InferenceClient(llm_server.url, timeout=60)
+    with pytest.raises(ValidationError, match="typical_p") as bad:  # 422 + error_type validation, as TGI
+        client.text_generation("hello=", typical_p=0.5)
+    assert bad.value.__cause__.response.status_code == 422  # type: ignore[union-attr]
+    with pytest.raises(ValidationError, match="max_total_tokens") as invalid:
+        client.text_generation("x" * 60 + "=", max_new_tokens=10)
+    assert invalid.value.__cause__.response.status_code == 422  # type: ignore[union-attr]
+    with pytest.raises(ValidationError, match="max_total_tokens"):
+        list(client.text_generation("x" * 60 + "=", max_new_tokens=10, stream=True))
+
+
+def test_raw_generate_routes_match_the_client(llm_server: Server) -> None:
+    """`/generate` and `/generate_stream` (TGI's own routes, which InferenceClient does not use) give what
+    the client got from `/`."""
+    client = InferenceClient(llm_server.url, timeout=60)
+    via_client = client.text_generation("hello=", max_new_tokens=12, adapter_id="reverse", details=True)
+    body = {"inputs": "hello=", "parameters": {"max_new_tokens": 12, "adapter_id": "reverse", "details": True}}
+    with llm_server.client(timeout=60) as c:
+        r = c.post("/generate", json=body)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["generated_text"] == via_client.generated_text == "olleh"
+        assert out["details"]["finish_reason"] == "eos_token"
+        assert [t["text"] for t in out["details"]["tokens"]] == [t.text for t in via_client.details.tokens]
+        with c.stream("POST", "/generate_stream", json=body) as s:
+            assert s.status_code == 200 and s.headers["content-type"].startswith("text/event-stream")
+            events = [json.loads(line[5:]) for line in s.iter_lines() if line.startswith("data:")]
+    assert "".join(e["token"]["text"] for e in events if not e["token"]["special"]) == "olleh"
+    assert events[-1]["generated_text"] == "olleh" and events[-1]["details"]["finish_reason"] == "eos_token"
 
 
 @pytest.mark.parametrize("adapter", ["", "reverse", "upper", "sort"])
@@ -79,10 +107,12 @@ def test_tgi_errors_are_json_4xx(llm_server: Server) -> None:
         assert r.status_code == 422 and "64" in r.json()["error"]
         for bad in ({"temperature": 0}, {"top_p": 1.5}, {"top_k": -1}, {"max_new_tokens": "5"}, {"stop": "x"}):
             r = c.post("/generate", json={"inputs": "abc=", "parameters": bad})
-            assert r.status_code == 400, (bad, r.text)
+            # TGI answers validation errors with 422 + error_type "validation" (huggingface_hub's ValidationError)
+            assert r.status_code == 422 and r.json()["error_type"] == "validation", (bad, r.text)
             assert next(iter(bad)) in r.json()["error"]
-        assert c.post("/generate", content=b"{nope").status_code == 400
-        assert c.post("/generate", json={"inputs": ""}).status_code == 400
+        for body in ({"content": b"{nope"}, {"json": {"inputs": ""}}):
+            r = c.post("/generate", **body)  # type: ignore[arg-type]
+            assert r.status_code == 422 and r.json()["error_type"] == "validation"
         info = c.get("/info").json()
         assert info["max_total_tokens"] == 64 and info["model_id"] == "tiny-llm"
         assert c.get("/health").status_code == 200

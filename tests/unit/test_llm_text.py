@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tandem.errors import InvalidInput
+from tandem.llm.http.tgi import parse_generate
 from tandem.llm.text import Detokenizer, StopMatcher
-from tandem.serving.protocols.tgi import parse_generate
 
 
 def test_detokenizer_never_splits_multibyte_characters() -> None:

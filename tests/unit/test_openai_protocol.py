@@ -20,13 +20,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from tandem.errors import InvalidInput, TandemError
+from tandem.errors import ErrorKind, InvalidInput, TandemError
 from tandem.llm.client import GenEvent
-from tandem.llm.params import SamplingParams
-from tandem.llm.text import StopMatcher
-from tandem.serving.messages import AdapterReply
-from tandem.serving.protocols.llm_common import LLMDirectory, error_kind, openai_error
-from tandem.serving.protocols.openai import (
+from tandem.llm.http.common import LLMDirectory, openai_error
+from tandem.llm.http.openai import (
     ChatRequest,
     CompletionLogprobs,
     CompletionRequest,
@@ -39,6 +36,10 @@ from tandem.serving.protocols.openai import (
     parse_completion,
     parse_messages,
 )
+from tandem.llm.messages import AdapterInfo, AdapterReply
+from tandem.llm.params import SamplingParams
+from tandem.llm.text import StopMatcher
+from tandem.serving.kinds import FrontState
 
 TINY_BASE = Path(__file__).resolve().parents[2] / "tandem" / "default_repo" / "tiny-llm" / "base"
 BOS, EOS = 1, 2
@@ -114,12 +115,13 @@ def _events(text: str, max_new: int, stops: list[str]) -> list[GenEvent]:
 
 class FakeClient:
     name = "tiny-llm"
+    kind = "llm"
     max_total_tokens = 64
 
     def __init__(self) -> None:
         self.tokenizer = TOKENIZER
-        self.adapters = {"reverse": {"name": "reverse", "path": "/secret/adapters/reverse", "rank": 8,
-                                     "nbytes": 1, "on_device": True, "load_ms": 1.23456}}
+        self.adapters = {"reverse": AdapterInfo(name="reverse", path="/secret/adapters/reverse", rank=8,
+                                                nbytes=1, on_device=True, load_ms=1.23456)}
         self.started: list[tuple[list[int], SamplingParams, str]] = []
         self.gens: list[FakeGen] = []
 
@@ -151,22 +153,23 @@ class FakeClient:
     async def adapter_op(self, kind: str, name: str = "", path: str = "") -> AdapterReply:
         if kind == "load":
             if path.endswith("broken"):
-                return AdapterReply("tiny-llm", 1, "not a PEFT adapter", "invalid", list(self.adapters.values()))
-            self.adapters[name] = {"name": name, "path": path, "rank": 4, "nbytes": 1, "on_device": False,
-                                   "load_ms": 7.0}
+                return AdapterReply(model="tiny-llm", op_id=1, error="not a PEFT adapter",
+                                    error_kind=ErrorKind.INVALID, adapters=list(self.adapters.values()))
+            self.adapters[name] = AdapterInfo(name=name, path=path, rank=4, nbytes=1, on_device=False, load_ms=7.0)
         if kind == "unload" and self.adapters.pop(name, None) is None:
-            return AdapterReply("tiny-llm", 1, f"adapter {name!r} is not loaded", "not_found")
-        return AdapterReply("tiny-llm", 1, "", "", list(self.adapters.values()))
+            return AdapterReply(model="tiny-llm", op_id=1, error=f"adapter {name!r} is not loaded",
+                                error_kind=ErrorKind.NOT_FOUND)
+        return AdapterReply(model="tiny-llm", op_id=1, adapters=list(self.adapters.values()))
 
 
 def _wrap(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-    """What proxy._route does for /v1 errors: TandemError -> OpenAI's {"error": {"message", ...}}."""
+    """What the app's error boundary does for /v1 errors: TandemError -> OpenAI's {"error": {"message", ...}}."""
     async def handler(request: Request) -> Response:
         try:
             return await fn(request)
         except TandemError as e:
-            body = openai_error(e.status, str(e), error_kind(e))
-            return Response(orjson.dumps(body), e.status, media_type="application/json")
+            status, body = openai_error(e)
+            return Response(orjson.dumps(body), status, media_type="application/json")
     return handler
 
 
@@ -177,8 +180,8 @@ def fake() -> FakeClient:
 
 @pytest.fixture
 def http(fake: FakeClient) -> Iterator[TestClient]:
-    routes = openai_routes(LLMDirectory([fake]))  # type: ignore[list-item]
-    app = Starlette(routes=[Route(p, _wrap(fn), methods=[m]) for p, fn, m, _ in routes])
+    routes = openai_routes(LLMDirectory(FrontState(clients={"tiny-llm": fake})))  # type: ignore[dict-item]
+    app = Starlette(routes=[Route(r.path, _wrap(r.handler), methods=[r.method]) for r in routes])
     with TestClient(app) as client:
         yield client
 

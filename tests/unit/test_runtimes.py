@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from tandem.config import BatchingConfig, ModelConfig, OnnxConfig, load_model_config
 from tandem.errors import ConfigError
+from tandem.kinds import builtin_kinds
 from tandem.model import TensorSpec
 from tandem.serving.accel_worker import _setup_runtime
 from tandem.serving.repository import ModelEntry, scan_repository
@@ -100,10 +101,10 @@ def test_scan_refuses_a_missing_artefact(tmp_path: Path) -> None:
     (folder / "model.py").write_text((FIXTURE_ECHO / "model.py").read_text())
     (folder / "tandem.yaml").write_text("runtime: onnxruntime\nonnx: {path: echo.onnx}\n")
     with pytest.raises(ConfigError, match=r"echo\.onnx not found"):
-        scan_repository(tmp_path / "repo")
+        scan_repository(tmp_path / "repo", builtin_kinds())
     (folder / "tandem.yaml").write_text("device: cpu\n")
-    entry = scan_repository(tmp_path / "repo")[0]
-    assert (entry.runtime, entry.platform) == ("torch", "tandem_pytorch")
+    entry = scan_repository(tmp_path / "repo", builtin_kinds())[0]
+    assert (entry.config.runtime, entry.platform) == ("torch", "tandem_pytorch")
 
 
 # --- onnxruntime: signature checks at load -------------------------------------------------------
@@ -171,7 +172,7 @@ def test_onnx_run_matches_numpy(tmp_path: Path, level: str) -> None:
 
 
 def test_torch_runtime_runs_model_py_predict(tmp_path: Path) -> None:
-    entry = scan_repository(FIXTURE_ECHO)[0]
+    entry = scan_repository(FIXTURE_ECHO, builtin_kinds())[0]
     runtime = load_runtime(entry, "cpu")
     assert isinstance(runtime, TorchRuntime)
     x = np.arange(6, dtype=np.float32).reshape(2, 3)

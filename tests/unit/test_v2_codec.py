@@ -158,7 +158,7 @@ def entry(data: Any, datatype: str = "FP32", shape: Any = None, name: str = "x")
     (json_body([entry([1.0], shape=[-1])]), None, "negative"),
     (json_body([entry([1.0], shape=[1.5])]), None, "integers"),
     (json_body([entry([1.0], datatype="FP8")]), None, "unknown datatype"),
-    (json_body([entry(["a"], datatype="BYTES")]), None, "numeric tensors"),
+    (json_body([entry([1, "a"], datatype="BYTES")]), None, "BYTES data must hold only strings"),
     (json_body([entry([1.0, 2.0], shape=[3])]), None, "needs 3 elements"),
     (json_body([entry([[1.0, 2.0], [3.0]], shape=[3])]), None, "ragged"),
     (json_body([entry(["1.5"])]), None, "only numbers"),
@@ -291,7 +291,7 @@ def test_response_errors() -> None:
     with pytest.raises(InvalidInput, match="'nope'"):
         encode_infer_response("m", None, None, ARRAYS, [V2RequestedOutput("nope", False)], False)
     with pytest.raises(InferenceFailed, match="'o'"):
-        encode_infer_response("m", None, None, {"o": np.array(["a"])}, None, False)
+        encode_infer_response("m", None, None, {"o": np.array([1j])}, None, False)
 
 
 def test_request_response_round_trip_with_tritonclient_outputs() -> None:
@@ -323,3 +323,76 @@ def test_metadata() -> None:
     server = server_metadata("0.1.0")
     assert server["name"] == "tandem" and server["version"] == "0.1.0"
     assert "binary_tensor_data" in server["extensions"]
+
+
+# ---------------------------------------------------------------------------------------------
+# BYTES
+# ---------------------------------------------------------------------------------------------
+
+TEXTS = np.array([b"A man is eating food.", "héllo wörld".encode(), b"", b"\x00\xffraw"], dtype=object)
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_bytes_input_from_tritonclient(binary: bool) -> None:
+    texts = TEXTS[:3] if not binary else TEXTS  # JSON carries UTF-8 strings only
+    infer_input = httpclient.InferInput("text", [len(texts)], "BYTES")
+    infer_input.set_data_from_numpy(texts, binary_data=binary)
+    body, json_size = _get_inference_request(
+        inputs=[infer_input], request_id="", outputs=None, sequence_id=0, sequence_start=False,
+        sequence_end=False, priority=0, timeout=None, custom_parameters=None)
+    request = parse_infer_request(body if isinstance(body, bytes) else body.encode(), json_size)
+    (got,) = request.inputs
+    assert got.datatype == "BYTES" and got.shape == [len(texts)] and got.array.dtype == object
+    assert got.array.tolist() == texts.tolist()
+
+
+def test_bytes_serialization_matches_tritonclient() -> None:
+    from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
+
+    from tandem.serving.protocols.v2 import deserialize_bytes, serialize_bytes
+
+    ours = serialize_bytes(TEXTS)
+    assert ours == serialize_byte_tensor(TEXTS).item()
+    assert ours[:4] == len(TEXTS[0]).to_bytes(4, "little")
+    assert deserialize_bytes(ours, len(TEXTS), "t").tolist() == deserialize_bytes_tensor(ours).tolist()
+    assert serialize_bytes(np.array(["é"], dtype=object)) == b"\x02\x00\x00\x00\xc3\xa9"
+
+
+@pytest.mark.parametrize(("blob", "count", "message"), [
+    (b"\x05\x00\x00\x00abc", 1, "declares 5 bytes"),
+    (b"\x01\x00\x00\x00a", 2, "holds 1 elements but the shape needs 2"),
+    (b"\x01\x00\x00\x00ab", 1, "1 bytes are left"),
+    (b"\x01\x00", 1, "holds 0 elements"),
+])
+def test_malformed_bytes(blob: bytes, count: int, message: str) -> None:
+    header = json_body([{"name": "t", "datatype": "BYTES", "shape": [count],
+                         "parameters": {"binary_data_size": len(blob)}}])
+    with pytest.raises(InvalidInput, match=message):
+        parse_infer_request(header + blob, len(header))
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_bytes_output_round_trips_through_tritonclient(binary: bool) -> None:
+    outputs = {"label": np.array(["tabby cat", "espresso"], dtype=object),
+               "score": np.array([0.9, 0.8], dtype=np.float32)}
+    body, headers = encode_infer_response("m", "1", None, outputs, None, binary)
+    result = decode(body, headers)
+    assert result.get_output("label")["datatype"] == "BYTES"
+    assert result.as_numpy("label").tolist() == [b"tabby cat", b"espresso"] if binary else \
+        result.as_numpy("label").tolist() == ["tabby cat", "espresso"]
+    raw = {"b": np.array([b"\xff"], dtype=object)}
+    with pytest.raises(InvalidInput, match="binary_data"):
+        encode_infer_response("m", None, None, raw, None, False)
+    assert decode(*encode_infer_response("m", None, None, raw, None, True)).as_numpy("b").tolist() == [b"\xff"]
+
+
+def test_metadata_with_request_level_signature() -> None:
+    from tandem.model import RequestSpec
+
+    meta = model_metadata("emb", ["1"], "tandem_pytorch", [TensorSpec("input_ids", "INT64", (-1,))],
+                          [TensorSpec("embedding", "FP32", (384,))], [RequestSpec("text", "BYTES")],
+                          [RequestSpec("embedding", "FP32", (384,))])
+    assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+    assert meta["outputs"] == [{"name": "embedding", "datatype": "FP32", "shape": [-1, 384]}]
+    assert meta["parameters"]["tensor_inputs"] == [{"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]}]
+

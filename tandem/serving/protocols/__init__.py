@@ -1,22 +1,5 @@
-"""Wire protocols spoken by the server; each module is a pure codec (bytes <-> numpy), no I/O."""
+"""Wire codecs of the tensor kind's protocols: pure functions (bytes <-> numpy and JSON), no I/O.
 
-from __future__ import annotations
-
-from tandem.serving.protocols.v2 import (
-    HEADER_LENGTH_HEADER,
-    SERVER_EXTENSIONS,
-    V2InferRequest,
-    V2Input,
-    V2RequestedOutput,
-    encode_infer_response,
-    model_metadata,
-    parse_header_length,
-    parse_infer_request,
-    server_metadata,
-)
-
-__all__ = [
-    "HEADER_LENGTH_HEADER", "SERVER_EXTENSIONS", "V2InferRequest", "V2Input", "V2RequestedOutput",
-    "encode_infer_response", "model_metadata", "parse_header_length", "parse_infer_request",
-    "server_metadata",
-]
+`v2` is KServe v2 / the Open Inference Protocol with Triton's binary-tensor extension; the routes
+that use it are in `tandem/serving/tensor_routes.py`.
+"""

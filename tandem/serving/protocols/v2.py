@@ -6,6 +6,10 @@ raises `tandem.errors.InvalidInput` with a message naming the problem (and the t
 Binary-tensor extension: when the `Inference-Header-Content-Length` HTTP header is present, the
 body is that many bytes of JSON followed by the raw little-endian, row-major bytes of every tensor
 whose JSON entry carries `parameters.binary_data_size`, concatenated in the order of the entries.
+
+BYTES tensors (strings or blobs; numpy object arrays of `bytes`): in JSON, `data` is a list of
+strings (UTF-8); in binary, each element is a 4-byte little-endian length followed by its bytes,
+row-major (Triton's serialization, as tritonclient's `serialize_byte_tensor` writes it).
 """
 
 from __future__ import annotations
@@ -18,18 +22,22 @@ import numpy as np
 import orjson
 
 from tandem.errors import InferenceFailed, InvalidInput
-from tandem.model import NUMPY_TO_V2, V2_TO_NUMPY, TensorSpec
+from tandem.model import NUMPY_TO_V2, V2_TO_NUMPY, RequestSpec, TensorSpec
 
 __all__ = [
-    "HEADER_LENGTH_HEADER", "SERVER_EXTENSIONS", "V2InferRequest", "V2Input", "V2RequestedOutput",
-    "encode_infer_response", "model_metadata", "parse_header_length", "parse_infer_request",
-    "server_metadata",
+    "BYTES", "HEADER_LENGTH_HEADER", "SERVER_EXTENSIONS", "V2InferRequest", "V2Input", "V2RequestedOutput",
+    "deserialize_bytes", "encode_infer_response", "model_metadata", "parse_header_length", "parse_infer_request",
+    "serialize_bytes", "server_metadata",
 ]
 
 HEADER_LENGTH_HEADER = "Inference-Header-Content-Length"
 SERVER_EXTENSIONS: tuple[str, ...] = ("binary_tensor_data",)
 JSON_CONTENT_TYPE = "application/json"
 BINARY_CONTENT_TYPE = "application/octet-stream"
+MAX_DIMS = 32  # numpy's limit is 64 (32 before numpy 2)
+MAX_DIM = 2**62  # numpy refuses dimensions beyond its index type, even in an empty array
+BYTES = "BYTES"  # variable-length strings/blobs: numpy object arrays of `bytes`
+_DATATYPES = (*V2_TO_NUMPY, BYTES)
 
 
 @dataclass
@@ -156,7 +164,7 @@ def _parse_inputs(raw: dict[str, Any], blobs: memoryview | None) -> list[V2Input
         elif "data" in entry:
             array = _json_input(name, datatype, shape, entry["data"])
         else:
-            raise InvalidInput(f'input {name!r} has no "data" and no binary_data_size')
+            raise InvalidInput(f'input {name!r} has no "data" and no parameters.binary_data_size')
         inputs.append(V2Input(name=name, datatype=datatype, shape=shape, array=array))
     if blobs is not None and offset != len(blobs):
         raise InvalidInput(f"binary inputs declare {offset} bytes in all but the body carries "
@@ -172,12 +180,9 @@ def _input_header(entry: Any, index: int) -> tuple[str, str, list[int], dict[str
     if not isinstance(name, str) or not name:
         raise InvalidInput(f'inputs[{index}] has no "name" (a non-empty string)')
     datatype = entry.get("datatype")
-    if datatype == "BYTES":
-        raise InvalidInput(f"input {name!r}: datatype BYTES is not supported; this model takes "
-                           f"numeric tensors ({', '.join(V2_TO_NUMPY)})")
-    if not isinstance(datatype, str) or datatype not in V2_TO_NUMPY:
+    if not isinstance(datatype, str) or datatype not in _DATATYPES:
         raise InvalidInput(f"input {name!r}: unknown datatype {datatype!r}; use one of "
-                           f"{', '.join(V2_TO_NUMPY)}")
+                           f"{', '.join(_DATATYPES)}")
     shape = entry.get("shape")
     if not isinstance(shape, list):
         raise InvalidInput(f'input {name!r}: "shape" must be a list of integers, got {shape!r}')
@@ -186,6 +191,10 @@ def _input_header(entry: Any, index: int) -> tuple[str, str, list[int], dict[str
             raise InvalidInput(f"input {name!r}: shape {shape} must hold only integers")
         if dim < 0:
             raise InvalidInput(f"input {name!r}: shape {shape} has a negative dimension")
+        if dim > MAX_DIM:
+            raise InvalidInput(f"input {name!r}: shape {shape} has a dimension over {MAX_DIM}")
+    if len(shape) > MAX_DIMS:
+        raise InvalidInput(f"input {name!r}: shape has {len(shape)} dimensions; at most {MAX_DIMS}")
     return name, datatype, shape, _parameters_of(entry, f"input {name!r}")
 
 
@@ -197,6 +206,11 @@ def _binary_input(name: str, datatype: str, shape: list[int], size: Any,
                            f"{HEADER_LENGTH_HEADER} header")
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
         raise InvalidInput(f"input {name!r}: binary_data_size must be a non-negative integer")
+    if datatype == BYTES:
+        if offset + size > len(blobs):
+            raise InvalidInput(f"input {name!r}: binary data runs past the end of the body "
+                               f"({offset + size} > {len(blobs)} bytes)")
+        return deserialize_bytes(blobs[offset:offset + size], math.prod(shape), name).reshape(shape)
     dtype = V2_TO_NUMPY[datatype]
     expected = math.prod(shape) * dtype.itemsize
     if size != expected:
@@ -217,6 +231,8 @@ def _json_input(name: str, datatype: str, shape: list[int], data: Any) -> np.nda
     """Convert the (flat or nested, row-major) JSON `data` list to an array of `shape`."""
     if not isinstance(data, list):
         raise InvalidInput(f'input {name!r}: "data" must be a list, got {type(data).__name__}')
+    if datatype == BYTES:
+        return _json_bytes(name, shape, data)
     try:
         inferred = np.asarray(data)
     except (ValueError, TypeError):
@@ -235,6 +251,61 @@ def _json_input(name: str, datatype: str, shape: list[int], data: Any) -> np.nda
     if dtype.kind == "f":
         return _to_float(name, datatype, inferred, data).reshape(shape)
     return _to_integer(name, datatype, inferred, data).reshape(shape)
+
+
+def _json_bytes(name: str, shape: list[int], data: list[Any]) -> np.ndarray:
+    """BYTES elements given in JSON (a flat or nested list of strings), as an object array of UTF-8 bytes."""
+    flat: list[bytes] = []
+    stack: list[Any] = [iter(data)]
+    while stack:
+        value = next(stack[-1], _END)
+        if value is _END:
+            stack.pop()
+        elif isinstance(value, list):
+            stack.append(iter(value))
+        elif isinstance(value, str):
+            flat.append(value.encode("utf-8"))
+        else:
+            raise InvalidInput(f"input {name!r}: BYTES data must hold only strings, got {value!r}")
+    expected = math.prod(shape)
+    if len(flat) != expected:
+        raise InvalidInput(f'input {name!r}: shape {shape} needs {expected} elements but "data" has {len(flat)}')
+    out = np.empty(expected, dtype=object)
+    out[:] = flat
+    return out.reshape(shape)
+
+
+_END = object()
+
+
+def serialize_bytes(elements: np.ndarray) -> bytes:
+    """BYTES elements (bytes or str, row-major) as 4-byte little-endian lengths each followed by the bytes."""
+    parts: list[bytes] = []
+    for value in np.asarray(elements, dtype=object).reshape(-1).tolist():
+        data = value.encode("utf-8") if isinstance(value, str) else bytes(value)
+        parts += [len(data).to_bytes(4, "little"), data]
+    return b"".join(parts)
+
+
+def deserialize_bytes(buffer: bytes | memoryview, count: int, name: str) -> np.ndarray:
+    """Exactly `count` length-prefixed BYTES elements filling `buffer`, as a flat object array of bytes."""
+    view = memoryview(buffer)
+    out = np.empty(count, dtype=object)
+    pos = 0
+    for i in range(count):
+        if pos + 4 > len(view):
+            raise InvalidInput(f"input {name!r}: BYTES data holds {i} elements but the shape needs {count}")
+        size = int.from_bytes(view[pos:pos + 4], "little")
+        pos += 4
+        if pos + size > len(view):
+            raise InvalidInput(f"input {name!r}: BYTES element {i} declares {size} bytes but only "
+                               f"{len(view) - pos} remain")
+        out[i] = bytes(view[pos:pos + size])
+        pos += size
+    if pos != len(view):
+        raise InvalidInput(f"input {name!r}: {len(view) - pos} bytes are left after the {count} BYTES elements "
+                           "the shape needs")
+    return out
 
 
 def _python_numbers(name: str, datatype: str, data: list[Any], integers_only: bool) -> np.ndarray:
@@ -341,9 +412,14 @@ def encode_infer_response(model_name: str, model_version: str | None, request_id
         entry: dict[str, Any] = {"name": want.name, "datatype": _datatype_of(want.name, array),
                                  "shape": list(array.shape)}
         if want.binary:
-            blob = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            if entry["datatype"] == BYTES:
+                blob = serialize_bytes(array)
+            else:
+                blob = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
+        elif entry["datatype"] == BYTES:
+            entry["data"] = _json_strings(want.name, array)
         else:
             entry["data"] = _json_data(array)
         entries.append(entry)
@@ -361,12 +437,28 @@ def encode_infer_response(model_name: str, model_version: str | None, request_id
 
 
 def _datatype_of(name: str, array: np.ndarray) -> str:
-    """The v2 datatype of an output array; a dtype outside the v2 numeric set is a model bug."""
+    """The v2 datatype of an output array; a dtype outside the v2 set is a model bug."""
+    if array.dtype.kind in "OSU":
+        return BYTES
     datatype = NUMPY_TO_V2.get(array.dtype.newbyteorder("="))
     if datatype is None:
         raise InferenceFailed(f"output {name!r} has dtype {array.dtype}, which the v2 protocol "
-                              f"cannot carry; return one of {', '.join(V2_TO_NUMPY)}")
+                              f"cannot carry; return one of {', '.join(_DATATYPES)}")
     return datatype
+
+
+def _json_strings(name: str, array: np.ndarray) -> list[str]:
+    """BYTES output elements as JSON strings; bytes that are not UTF-8 need the binary extension."""
+    out: list[str] = []
+    for value in array.reshape(-1).tolist():
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidInput(f"output {name!r} holds bytes that are not UTF-8; ask for it with "
+                                   "binary_data: true") from None
+        out.append(str(value))
+    return out
 
 
 def _json_data(array: np.ndarray) -> np.ndarray:
@@ -380,14 +472,30 @@ def _json_data(array: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 def model_metadata(name: str, versions: list[str], platform: str, inputs: list[TensorSpec],
-                   outputs: list[TensorSpec]) -> dict[str, Any]:
-    """The v2 model-metadata object (`GET /v2/models/{name}`); shapes lead with the -1 batch dim."""
+                   outputs: list[TensorSpec], request_inputs: list[RequestSpec] | None = None,
+                   request_outputs: list[RequestSpec] | None = None) -> dict[str, Any]:
+    """The v2 model-metadata object (`GET /v2/models/{name}`); shapes lead with the -1 batch dim.
+
+    A model with a request-level signature shows it as `inputs`/`outputs` (what clients send, as a
+    Triton ensemble shows its own) and its tensor signature, which `infer` takes as well, under
+    `parameters.tensor_inputs`/`tensor_outputs` (an extension key; tritonclient returns the JSON as is).
+    """
+    if not request_inputs:
+        return {
+            "name": name,
+            "versions": list(versions),
+            "platform": platform,
+            "inputs": [spec.metadata() for spec in inputs],
+            "outputs": [spec.metadata() for spec in outputs],
+        }
     return {
         "name": name,
         "versions": list(versions),
         "platform": platform,
-        "inputs": [spec.metadata() for spec in inputs],
-        "outputs": [spec.metadata() for spec in outputs],
+        "inputs": [spec.metadata() for spec in request_inputs],
+        "outputs": [spec.metadata() for spec in request_outputs or []],
+        "parameters": {"tensor_inputs": [spec.metadata() for spec in inputs],
+                       "tensor_outputs": [spec.metadata() for spec in outputs]},
     }
 
 

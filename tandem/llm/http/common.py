@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -18,12 +18,15 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import StreamingResponse
 
-from tandem.errors import InvalidInput, ModelNotFound, TandemError
+from tandem.errors import ErrorKind, InternalError, InvalidInput, ModelNotFound, TandemError
 from tandem.llm.client import Generation, LLMClient
 from tandem.serving.bodies import json_response, read_limited
+from tandem.serving.kinds import ErrorShape, FrontState, Schema
+from tandem.serving.openapi import obj
+from tandem.serving.protocols.openai_errors import OPENAI_ERROR, openai_error
 
-__all__ = ["LLMDirectory", "error_kind", "json_response", "openai_error", "opt_float", "opt_int", "read_json",
-           "sse_response", "tgi_error"]
+__all__ = ["LLMDirectory", "OPENAI_ERROR", "TGI_ERROR", "json_response", "openai_error", "opt_float", "opt_int",
+           "read_json", "sse_response", "tgi_error"]
 
 logger = logging.getLogger(__name__)
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -67,55 +70,68 @@ async def read_json(request: HTTPRequest, limit: int = 4 * 1024 * 1024) -> dict[
 
 
 class LLMDirectory:
-    """The LLM entries of a front, by name; the first one is the default (TGI routes serve it)."""
+    """The LLM entries of a front, by name; the first one is the default (TGI routes serve it).
 
-    def __init__(self, clients: list[LLMClient] | None = None) -> None:
-        self.set_clients(clients or [])
+    A live view of the front's state: clients appear when the front connects to its workers
+    (routes are built before that).
+    """
 
-    def set_clients(self, clients: list[LLMClient]) -> None:
-        """Filled when the front connects to its workers (routes are built before that)."""
-        self.clients = list(clients)
-        self.by_name = {c.name: c for c in self.clients}
+    def __init__(self, state: FrontState) -> None:
+        self.state = state
+
+    @property
+    def clients(self) -> list[LLMClient]:
+        return self.state.of_kind("llm")
+
+    @property
+    def by_name(self) -> dict[str, LLMClient]:
+        return {c.name: c for c in self.clients}
 
     @property
     def default(self) -> LLMClient:
-        if not self.clients:
+        clients = self.clients
+        if not clients:
             raise ModelNotFound("this server has no LLM (start it with --llm PATH or a kind: llm entry)")
-        return self.clients[0]
+        return clients[0]
+
+    def default_name(self) -> str:
+        clients = self.clients
+        return clients[0].name if clients else ""
 
     def get(self, name: str | None) -> LLMClient:
         if not name:
             return self.default
-        if name not in self.by_name:
-            raise ModelNotFound(f"unknown model {name!r}; LLMs served: {sorted(self.by_name)}")
-        return self.by_name[name]
+        by_name = self.by_name
+        if name not in by_name:
+            raise ModelNotFound(f"unknown model {name!r}; LLMs served: {sorted(by_name)}")
+        return by_name[name]
 
     def resolve(self, model: str | None) -> tuple[LLMClient, str]:
         """OpenAI `model`: an LLM's name (base model) or an adapter name ('name' or 'llm/adapter')."""
-        if not model or model in self.by_name:
+        by_name = self.by_name
+        if not model or model in by_name:
             return self.get(model), ""
-        if "/" in model and model.split("/", 1)[0] in self.by_name:
+        if "/" in model and model.split("/", 1)[0] in by_name:
             llm, adapter = model.split("/", 1)
-            return self.by_name[llm], adapter
+            return by_name[llm], adapter
         return self.default, model  # the worker answers 404 naming it if no such adapter exists
 
 
-def tgi_error(status: int, message: str, kind: str) -> dict[str, Any]:
-    """TGI's error body: `{"error": message, "error_type": kind}`."""
-    return {"error": message, "error_type": kind}
+# TGI's error_type values; its clients (huggingface_hub) map 422 "validation" to ValidationError.
+_TGI_TYPES = {ErrorKind.INVALID: "validation", ErrorKind.VALIDATION: "validation", ErrorKind.TOO_LARGE: "validation",
+              ErrorKind.NOT_FOUND: "not_found", ErrorKind.OVERLOADED: "overloaded",
+              ErrorKind.UNAUTHORIZED: "unauthorized", ErrorKind.FORBIDDEN: "forbidden", ErrorKind.TIMEOUT: "timeout"}
 
 
-def openai_error(status: int, message: str, kind: str) -> dict[str, Any]:
-    """OpenAI's error body, which the openai client turns into the exception's message."""
-    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+def tgi_error(e: TandemError) -> tuple[int, dict[str, Any]]:
+    """TGI's error: `{"error": message, "error_type": kind}`; request validation failures are 422."""
+    kind = _TGI_TYPES.get(e.kind, "generation" if e.status >= 500 else "validation")
+    status = 422 if kind == "validation" and e.status in (400, 422) else e.status
+    return status, {"error": str(e), "error_type": kind}
 
 
-ErrorShape = Callable[[int, str, str], dict[str, Any]]
-
-
-def error_kind(e: TandemError) -> str:
-    return {400: "invalid_request_error", 404: "not_found_error", 422: "validation", 503: "overloaded"}.get(
-        e.status, "internal")
+TGI_ERROR: Schema = obj({"error": {"type": "string"}, "error_type": {"type": "string"}})
+# OpenAI's error object lives in the serving core: the tensor kind's /v1/embeddings answers in it too.
 
 
 def sse_response(events: AsyncIterator[dict[str, Any]], gen: Generation, done_marker: bool,
@@ -133,10 +149,10 @@ def sse_response(events: AsyncIterator[dict[str, Any]], gen: Generation, done_ma
             if done_marker:
                 yield b"data: [DONE]\n\n"
         except TandemError as e:
-            yield b"data:" + orjson.dumps(shape(e.status, str(e), error_kind(e))) + b"\n\n"
+            yield b"data:" + orjson.dumps(shape(e)[1]) + b"\n\n"
         except Exception as e:  # keep serving others; the client sees why its stream ended
             logger.exception("stream failed")
-            yield b"data:" + orjson.dumps(shape(500, f"{type(e).__name__}: {e}", "internal")) + b"\n\n"
+            yield b"data:" + orjson.dumps(shape(InternalError(f"{type(e).__name__}: {e}"))[1]) + b"\n\n"
         finally:
             await gen.close()
 

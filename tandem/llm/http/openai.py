@@ -32,12 +32,10 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tandem.errors import InvalidInput, ModelNotFound, TandemError
-from tandem.llm.client import Generation, GenEvent, LLMClient, error_for
-from tandem.llm.params import SamplingParams
-from tandem.llm.text import render_chat
-from tandem.serving.messages import AdapterReply
-from tandem.serving.protocols.llm_common import (
+from tandem.errors import ErrorKind, InvalidInput, ModelNotFound, TandemError, error_for
+from tandem.llm.client import Generation, GenEvent, LLMClient
+from tandem.llm.http.common import (
+    OPENAI_ERROR,
     LLMDirectory,
     json_response,
     openai_error,
@@ -46,10 +44,16 @@ from tandem.serving.protocols.llm_common import (
     read_json,
     sse_response,
 )
+from tandem.llm.messages import AdapterReply
+from tandem.llm.params import SamplingParams
+from tandem.llm.text import render_chat
+from tandem.serving.kinds import RouteDoc, RouteSpec, Schema
+from tandem.serving.openapi import json_body, nullable, obj, sse
 
 __all__ = [
     "ChatRequest", "CompletionLogprobs", "CompletionRequest", "chat_max_tokens", "finish_reason",
-    "openai_routes", "parse_chat", "parse_completion", "parse_messages", "sampling_params",
+    "openai_routes", "parse_chat", "parse_completion", "parse_load_adapter", "parse_messages",
+    "parse_unload_adapter", "sampling_params",
 ]
 
 logger = logging.getLogger(__name__)
@@ -219,17 +223,19 @@ def parse_messages(value: Any) -> list[dict[str, str]]:
         if not isinstance(msg, dict):
             raise InvalidInput(f"messages[{i}] must be an object with role and content; got {str(msg)[:100]!r}")
         role = msg.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             raise InvalidInput(f"messages[{i}].role must be one of system, user, assistant; got {role!r}")
         out.append({"role": _ROLES[role], "content": _content(f"messages[{i}]", msg.get("content"), role)})
     return out
 
 
 def _reject_tools(body: dict[str, Any]) -> None:
-    if body.get("tools") or body.get("functions"):
-        raise InvalidInput("tools (function calling) are not supported")
-    if body.get("tool_choice") not in (None, "none") or body.get("function_call") not in (None, "none"):
-        raise InvalidInput("tool_choice is not supported (tools are not supported)")
+    for key in ("tools", "functions"):
+        if body.get(key):
+            raise InvalidInput(f"{key} (function calling) are not supported")
+    for key in ("tool_choice", "function_call"):
+        if body.get(key) not in (None, "none"):
+            raise InvalidInput(f"{key} is not supported (tools are not supported); got {str(body[key])[:100]!r}")
     fmt = body.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise InvalidInput("response_format is not supported (only {\"type\": \"text\"})")
@@ -411,11 +417,20 @@ def _name_field(body: dict[str, Any], key: str) -> str:
     return value
 
 
+def parse_load_adapter(body: dict[str, Any]) -> tuple[str, str, str | None]:
+    """A /v1/load_lora_adapter body -> (lora_name, lora_path, model); 400 naming the field."""
+    return _name_field(body, "lora_name"), _name_field(body, "lora_path"), _model(body)
+
+
+def parse_unload_adapter(body: dict[str, Any]) -> tuple[str, str | None]:
+    """A /v1/unload_lora_adapter body -> (lora_name, model); 400 naming the field."""
+    return _name_field(body, "lora_name"), _model(body)
+
+
 def _raise_reply(reply: AdapterReply) -> None:
     """Turn a failed adapter operation into its error; a rejected adapter is a 400 (the request's fault)."""
     if reply.error:
-        cls = InvalidInput if reply.error_kind == "invalid" else error_for(reply.error_kind)
-        raise cls(reply.error)
+        raise error_for(reply.error_kind or ErrorKind.INTERNAL, reply.error)
 
 
 class _OpenAI:
@@ -477,8 +492,8 @@ class _OpenAI:
             except TandemError as e:  # e.g. no live replica: still list the base model
                 logger.warning("cannot list the adapters of %s: %s", client.name, e)
                 continue
-            for info in sorted(reply.adapters, key=lambda a: str(a.get("name"))):
-                ident = str(info["name"]) if i == 0 else f"{client.name}/{info['name']}"
+            for info in sorted(reply.adapters, key=lambda a: a.name):
+                ident = info.name if i == 0 else f"{client.name}/{info.name}"
                 cards.append(self._card(ident, client, adapter=True))
         return cards
 
@@ -493,29 +508,126 @@ class _OpenAI:
         raise ModelNotFound(f"unknown model {name!r}; see GET /v1/models")
 
     async def load_adapter(self, request: Request) -> Response:
-        body = await read_json(request)
-        name, path = _name_field(body, "lora_name"), _name_field(body, "lora_path")
-        client = self.llms.get(_model(body))
+        name, path, model = parse_load_adapter(await read_json(request))
+        client = self.llms.get(model)
         if name in self.llms.by_name:
             raise InvalidInput(f"lora_name {name!r} is the name of an LLM; choose another name")
         reply = await client.adapter_op("load", name, str(client.confine(path)))
         _raise_reply(reply)
-        load_ms = next((a.get("load_ms") for a in reply.adapters if a.get("name") == name), None)
+        load_ms = next((a.load_ms for a in reply.adapters if a.name == name), None)
         return json_response({"status": "loaded", "lora_name": name,
-                              "load_ms": round(load_ms, 3) if isinstance(load_ms, float | int) else None})
+                              "load_ms": round(load_ms, 3) if load_ms is not None else None})
 
     async def unload_adapter(self, request: Request) -> Response:
-        body = await read_json(request)
-        name = _name_field(body, "lora_name")
-        client = self.llms.get(_model(body))
+        name, model = parse_unload_adapter(await read_json(request))
+        client = self.llms.get(model)
         _raise_reply(await client.adapter_op("unload", name))
         return json_response({"status": "unloaded", "lora_name": name})
 
 
-def openai_routes(llms: LLMDirectory) -> list[tuple[str, Handler, str, str]]:
-    """(path, handler, method, metric name) of the OpenAI-compatible endpoints."""
+# -- OpenAPI schemas ----------------------------------------------------------------------------------------------
+def _n(t: str, **kw: Any) -> Schema:
+    return {"type": [t, "null"], **kw}
+
+
+_IDS: Schema = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+_STOP: Schema = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": MAX_STOPS},
+                           {"type": "null"}]}
+_SAMPLING: dict[str, Schema] = {
+    "model": _n("string", description="an LLM or adapter name (GET /v1/models)"),
+    "temperature": _n("number", minimum=0, maximum=2), "top_p": _n("number", exclusiveMinimum=0, maximum=1),
+    "top_k": _n("integer", minimum=-1), "repetition_penalty": _n("number", exclusiveMinimum=0),
+    "seed": _n("integer", minimum=-(2**63), maximum=2**64 - 1), "ignore_eos": _n("boolean"),
+    "presence_penalty": _n("number", minimum=-2, maximum=2, description="only 0"),
+    "frequency_penalty": _n("number", minimum=-2, maximum=2, description="only 0"),
+    "n": {"enum": [1, None]}, "stop": _STOP, "stream": _n("boolean"),
+    "stream_options": nullable(obj(optional={"include_usage": _n("boolean")})),
+}
+_COMPLETION = obj({"prompt": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"},
+                                                              "minItems": 1},
+                                        _IDS, {"type": "array", "items": _IDS, "minItems": 1}]}},
+                  {**_SAMPLING, "max_tokens": _n("integer", minimum=1), "logprobs": _n("integer", minimum=0, maximum=5),
+                   "echo": _n("boolean"), "best_of": {"enum": [1, None]},
+                   "suffix": {"anyOf": [{"const": ""}, {"type": "null"}], "description": "not supported"}})
+_TEXT_PART = obj({"type": {"const": "text"}, "text": {"type": "string"}})
+_MESSAGE = obj({"role": {"enum": sorted(_ROLES)}},
+               {"content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}, {"type": "null"}],
+                            "description": "null only for assistant messages"}})
+_CHAT = obj({"messages": {"type": "array", "items": _MESSAGE, "minItems": 1}},
+            {**_SAMPLING, "max_tokens": _n("integer", minimum=1), "max_completion_tokens": _n("integer", minimum=1),
+             "logprobs": _n("boolean"), "top_logprobs": _n("integer", minimum=0, maximum=0),
+             "tools": {"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}], "description": "not supported"},
+             "tool_choice": {"enum": ["none", None]},
+             "response_format": nullable(obj({"type": {"const": "text"}}))})
+_USAGE = obj({"prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"},
+              "total_tokens": {"type": "integer"}})
+_META = {"id": {"type": "string"}, "object": {"type": "string"}, "created": {"type": "integer"},
+         "model": {"type": "string"}}
+_FINISH: Schema = {"enum": ["stop", "length", None]}
+_COMPLETION_OUT = obj({**_META, "choices": {"type": "array", "items": obj(
+    {"index": {"type": "integer"}, "text": {"type": "string"}, "logprobs": _n("object"), "finish_reason": _FINISH})},
+    "usage": _USAGE})
+_CHAT_OUT = obj({**_META, "choices": {"type": "array", "items": obj(
+    {"index": {"type": "integer"}, "message": obj({"role": {"const": "assistant"}, "content": {"type": "string"}}),
+     "logprobs": _n("object"), "finish_reason": _FINISH})}, "usage": _USAGE})
+_CARD = obj({"id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"},
+             "owned_by": {"type": "string"}, "root": {"type": "string"}, "parent": _n("string"),
+             "max_model_len": {"type": "integer"}})
+_COMPLETION_CHUNK = obj({**_META, "choices": {"type": "array", "items": obj(
+    {"index": {"type": "integer"}, "text": {"type": "string"}, "finish_reason": _FINISH})}},
+    {"usage": nullable(_USAGE)})
+_CHAT_CHUNK = obj({**_META, "choices": {"type": "array", "items": obj(
+    {"index": {"type": "integer"},
+     "delta": obj(optional={"role": {"const": "assistant"}, "content": {"type": "string"}}),
+     "finish_reason": _FINISH})}}, {"usage": nullable(_USAGE)})
+_GEN_ERRORS = (400, 404, 413, 422, 503, 504)
+_ADAPTER_ERRORS = (400, 404, 409, 413, 503, 504)
+
+
+def _docs() -> dict[str, RouteDoc]:
+    """Each OpenAI route's OpenAPI description, by endpoint label."""
+    name = {"type": "string", "minLength": 1, "pattern": r"\S"}
+    model = {"model": _n("string", description="the LLM (default: the first)")}
+    load = obj({"lora_name": name, "lora_path": {**name, "description": "inside the entry's adapter_dirs"}}, model)
+    return {
+        "openai_completions": RouteDoc("OpenAI completions (model: the base LLM or an adapter)", "openai",
+                                       request=json_body(_COMPLETION),
+                                       responses={200: {**json_body(_COMPLETION_OUT),
+                                                  **sse({"anyOf": [_COMPLETION_CHUNK, OPENAI_ERROR]}, "[DONE]")}},
+                                       errors=_GEN_ERRORS, error=OPENAI_ERROR),
+        "openai_chat": RouteDoc("OpenAI chat completions, rendered by the tokenizer's chat template", "openai",
+                                request=json_body(_CHAT),
+                                responses={200: {**json_body(_CHAT_OUT),
+                                                 **sse({"anyOf": [_CHAT_CHUNK, OPENAI_ERROR]}, "[DONE]")}},
+                                errors=_GEN_ERRORS, error=OPENAI_ERROR),
+        "openai_models": RouteDoc("OpenAI models: every LLM and every loaded adapter", "openai",
+                                  responses={200: json_body(obj({"object": {"const": "list"},
+                                                                 "data": {"type": "array", "items": _CARD}}))},
+                                  error=OPENAI_ERROR),
+        "openai_model": RouteDoc("OpenAI model card of one LLM or adapter", "openai",
+                                 responses={200: json_body(_CARD)}, errors=(404,), error=OPENAI_ERROR),
+        "openai_load_lora": RouteDoc("Load a PEFT LoRA adapter at run time (vLLM's API)", "openai",
+                                     request=json_body(load), responses={200: json_body(obj(
+                                         {"status": {"const": "loaded"}, "lora_name": {"type": "string"},
+                                          "load_ms": _n("number")}))},
+                                     errors=_ADAPTER_ERRORS, error=OPENAI_ERROR),
+        "openai_unload_lora": RouteDoc("Unload a run-time adapter (vLLM's API)", "openai",
+                                       request=json_body(obj({"lora_name": name}, model)),
+                                       responses={200: json_body(obj({"status": {"const": "unloaded"},
+                                                                      "lora_name": {"type": "string"}}))},
+                                       errors=_ADAPTER_ERRORS, error=OPENAI_ERROR),
+    }
+
+
+def openai_routes(llms: LLMDirectory) -> list[RouteSpec]:
+    """The OpenAI-compatible endpoints, answering errors with OpenAI's error object."""
     api = _OpenAI(llms)
-    return [
+    docs = _docs()
+
+    def label(r: Request) -> str:
+        return llms.default_name()
+
+    table: list[tuple[str, Handler, str, str]] = [
         ("/v1/completions", api.completions, "POST", "openai_completions"),
         ("/v1/chat/completions", api.chat, "POST", "openai_chat"),
         ("/v1/models", api.models, "GET", "openai_models"),
@@ -523,3 +635,8 @@ def openai_routes(llms: LLMDirectory) -> list[tuple[str, Handler, str, str]]:
         ("/v1/load_lora_adapter", api.load_adapter, "POST", "openai_load_lora"),
         ("/v1/unload_lora_adapter", api.unload_adapter, "POST", "openai_unload_lora"),
     ]
+    mutating = {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"}  # change the server: the admin key
+    return [RouteSpec(path, method, endpoint, fn, shape=openai_error, model_of=label,
+                      doc=docs.get("openai_model" if "{model" in path else endpoint),
+                      access="admin" if path in mutating else "user")
+            for path, fn, method, endpoint in table]
