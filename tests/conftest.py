@@ -140,11 +140,16 @@ def _has_cuda() -> bool:
         return False
 
 
+_TIERS = ("unit", "integration", "e2e")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """GPU tests run where a CUDA device exists and are skipped elsewhere."""
-    if _has_cuda():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    """Mark each test with its tier (its folder: `-m unit`, `-m "not e2e"`); GPU tests need CUDA."""
+    cuda = _has_cuda()
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
     for item in items:
-        if "gpu" in item.keywords:
+        tier = next((t for t in _TIERS if f"/tests/{t}/" in str(item.path)), None)
+        if tier is not None:
+            item.add_marker(getattr(pytest.mark, tier))
+        if "gpu" in item.keywords and not cuda:
             item.add_marker(skip)

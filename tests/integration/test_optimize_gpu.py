@@ -18,8 +18,14 @@ pytestmark = pytest.mark.gpu
 
 
 def _need(provider: str) -> None:
-    if provider not in available_providers():
-        pytest.skip(f"{provider} needs onnxruntime-gpu (this onnxruntime has {available_providers()})")
+    """These tests run only where CUDA exists: a missing CUDA provider is a broken install, not a skip."""
+    if provider in available_providers():
+        return
+    if provider == "CUDAExecutionProvider":
+        pytest.fail(f"CUDA is available but onnxruntime has no {provider} ({available_providers()}): "
+                    "install onnxruntime-gpu (pip install 'tandem-ai[gpu]')")
+    pytest.skip(f"{provider} needs TensorRT libraries beside onnxruntime-gpu (this onnxruntime has "
+                f"{available_providers()})")
 
 
 def test_cuda_fp16_keeps_the_fp32_island_and_profiles_it(model, calib):

@@ -29,8 +29,8 @@ from tandem.llm.lora import AdapterError, LoraBank, SlotCopies, load_adapter
 from tandem.llm.model import KVCache, forward, load_weights
 from tandem.llm.params import SamplingParams
 from tandem.llm.sampling import SamplerState, choose
+from tests.parity import assert_close_to_reference  # noqa: E402
 
-ATOL_FP32 = 1e-4
 ADAPTERS = {"a4qv": (4, ["q_proj", "v_proj"]),
             "a8all": (8, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
             "a2mlp": (2, ["down_proj", "o_proj", "up_proj"])}
@@ -73,7 +73,7 @@ def test_forward_matches_transformers_prefill_and_decode(models: Path, arch: str
     for _ in range(4):
         with torch.no_grad():
             want = torch.stack([ref(torch.tensor([s])).logits[0, -1] for s in seqs])
-        torch.testing.assert_close(logits, want, atol=ATOL_FP32, rtol=0)
+        assert_close_to_reference(logits, want, "float32", what="logits vs transformers")
         nxt = logits.argmax(-1)
         for s, t in zip(seqs, nxt.tolist()):
             s.append(t)
@@ -116,7 +116,7 @@ def test_mixed_batch_logits_match_peft_alone(models: Path, form: str) -> None:
         with torch.no_grad():
             want = torch.stack([refs["" if k == 0 else names[k - 1]](torch.tensor([s])).logits[0, -1]
                                 for s, k in zip(seqs, which)])
-        torch.testing.assert_close(logits, want, atol=ATOL_FP32, rtol=0)
+        assert_close_to_reference(logits, want, "float32", what="logits vs transformers")
         nxt = logits.argmax(-1)
         for s, t in zip(seqs, nxt.tolist()):
             s.append(t)

@@ -20,10 +20,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from tandem.llm.lora import AdapterError, LoraBank, _pattern_value, load_adapter
 from tandem.llm.model import LINEAR_MODULES, KVCache, forward, load_weights
+from tests.parity import assert_close_to_reference  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:The following alpha_pattern keys did not match")
 
-ATOL_FP32 = 1e-4
 N_LAYERS = 12
 ALL = list(LINEAR_MODULES)
 
@@ -140,7 +140,7 @@ def test_mixed_batch_logits_match_peft(models: Path, form: str) -> None:
     for _ in range(3):
         with torch.no_grad():
             want = torch.stack([refs[k](torch.tensor([s])).logits[0, -1] for s, k in zip(seqs, which)])
-        torch.testing.assert_close(logits, want, atol=ATOL_FP32, rtol=0)
+        assert_close_to_reference(logits, want, "float32", what="logits vs PEFT")
         nxt = logits.argmax(-1)
         for s, t in zip(seqs, nxt.tolist()):
             s.append(t)

@@ -1,7 +1,8 @@
 """Load generator tests against real servers on loopback: uvicorn + Starlette, and a raw asyncio
 server for the HTTP framing corner cases (chunked trailers, silent keep-alive closes, EOF bodies).
 
-Timing asserts are deliberately loose: the machines running these are noisy.
+Nothing here asserts a rate or a duration (machines are noisy): those checks are in
+tests/integration/test_loadgen_timing.py, marked slow.
 """
 
 from __future__ import annotations
@@ -160,12 +161,8 @@ def test_closed_loop_counts_requests_and_latencies(server: str) -> None:
     assert (r.mode, r.concurrency, r.rate, r.label) == ("closed", 4, None, "sleep")
     assert r.errors == 0 and r.status_counts == {200: r.requests}
     assert len(r.latencies_ms) == r.requests
-    # 4 connections x 20 ms handler -> at most ~200 req/s; noisy machines get a broad band.
-    assert 50 <= r.qps <= 4 / 0.02 * 1.1
-    assert 0.5 * r.requests <= r.qps * r.duration_s <= r.requests + 4
-    assert min(r.latencies_ms) >= 19.0
+    assert min(r.latencies_ms) >= 19.0  # the handler sleeps 20 ms: a floor, not a timing band
     assert 19.0 <= r.p50_ms <= r.p90_ms <= r.p95_ms <= r.p99_ms
-    assert r.p50_ms <= r.mean_ms * 2
 
 
 def test_bodies_cycle_round_robin(server: str) -> None:
@@ -195,10 +192,8 @@ def test_server_errors_are_counted(server: str) -> None:
     json.dumps(row)
 
 
-def test_timeouts_are_errors_and_bounded(server: str) -> None:
-    start = time.monotonic()
+def test_timeouts_are_errors(server: str) -> None:
     r = quick(f"{server}/slow", timeout_s=0.2, duration_s=0.4)
-    assert time.monotonic() - start < 3.0
     assert r.requests > 0 and r.errors == r.requests and set(r.status_counts) == {0}
 
 
@@ -243,26 +238,13 @@ def test_interim_and_malformed_responses(raw: RawServer) -> None:
 # --------------------------------------------------------------------------- open loop
 
 
-def test_open_loop_respects_rate(server: str) -> None:
-    r = run_load_sync(f"{server}/ok", b"{}", rate=100, duration_s=1.0, warmup_s=0.2)
-    assert (r.mode, r.rate, r.concurrency) == ("open", 100, None)
-    assert r.errors == 0
-    assert 80 <= r.requests <= 101
-    assert 60 <= r.qps <= 110
-
-
-def test_open_loop_poisson(server: str) -> None:
-    r = run_load_sync(f"{server}/ok", b"{}", rate=200, duration_s=0.5, warmup_s=0.0,
-                      arrival="poisson")
-    assert r.errors == 0 and 50 <= r.requests <= 160
-
-
-def test_open_loop_drops_instead_of_queueing(server: str) -> None:
-    start = time.monotonic()
+def test_open_loop_counts_and_drops(server: str) -> None:
+    """Open loop: mode and counts are right; a slow server's requests time out instead of queueing."""
+    r = run_load_sync(f"{server}/ok", b"{}", rate=100, duration_s=0.5, warmup_s=0.0)
+    assert (r.mode, r.rate, r.concurrency) == ("open", 100, None) and r.errors == 0 and r.requests > 0
     r = run_load_sync(f"{server}/slow", b"{}", rate=100, duration_s=0.5, warmup_s=0.0,
                       timeout_s=0.3, max_connections=4)
-    assert time.monotonic() - start < 3.0
-    assert r.requests >= 40 and r.errors == r.requests and set(r.status_counts) == {0}
+    assert r.requests > 0 and r.errors == r.requests and set(r.status_counts) == {0}
 
 
 def test_async_api_and_argument_checks(server: str) -> None:
