@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test bench lint install
+.PHONY: serve test bench lint install coverage
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,3 +27,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/serving.py --markdown bench-out/serving.md --json bench-out/serving.json
 	$(PY) benchmarks/lora.py --markdown bench-out/lora.md --json bench-out/lora.json
+
+coverage: $(STAMP)
+	rm -f .coverage .coverage.*
+	HF_HUB_OFFLINE=1 $(VENV)/bin/coverage run -m pytest -q
+	$(VENV)/bin/coverage combine -q
+	$(VENV)/bin/coverage report --sort=cover

@@ -522,8 +522,8 @@ def ratio_lines(r: dict[str, float | None], lo: int, hi: int) -> list[str]:
         f"- Tandem p99 - baseline p99 at c={lo}: {'-' if diff is None else f'{diff:+.1f}'} ms "
         f"(goal <= +5 ms: {_goal(diff, (diff if diff is not None else 1e9) <= 5.0)})",
     ] + ([] if r["tandem_over_infinity_v1"] is None else [
-        f"- Tandem / infinity-emb QPS through /v1/embeddings at c={hi}: {fmt(r['tandem_over_infinity_v1'], 2)}x, "
-        f"at c={lo}: {fmt(r['tandem_over_infinity_v1_lo'], 2)}x"])
+        f"- Tandem / infinity-emb QPS through /v1/embeddings at c={hi}: {fmt(r['tandem_over_infinity_v1'], 2)}x"
+        + ("" if lo == hi else f", at c={lo}: {fmt(r['tandem_over_infinity_v1_lo'], 2)}x")])
 
 
 def model_markdown(model: str, rows: list[Row], lo: int, hi: int) -> str:

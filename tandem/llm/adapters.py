@@ -13,25 +13,15 @@ import logging
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 from tandem.llm.lora import AdapterWeights, LoraBank, load_adapter
+from tandem.llm.messages import AdapterInfo
 from tandem.llm.model import LlamaSpec
 
-__all__ = ["AdapterInfo", "AdapterStore"]
+__all__ = ["AdapterStore"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    name: str
-    path: str
-    rank: int
-    nbytes: int
-    on_device: bool
-    load_ms: float
 
 
 class AdapterStore:
@@ -148,8 +138,8 @@ class AdapterStore:
         out = []
         for name, path in sorted(self.known.items()):
             w = self.host.get(name)
-            out.append(AdapterInfo(name, str(path), w.rank if w else 0, w.nbytes() if w else 0,
-                                   name in self.slot_of, round(self.load_ms.get(name, 0.0), 2)))
+            out.append(AdapterInfo(name=name, path=str(path), rank=w.rank if w else 0, nbytes=w.nbytes() if w else 0,
+                                   on_device=name in self.slot_of, load_ms=round(self.load_ms.get(name, 0.0), 2)))
         return out
 
     def close(self) -> None:

@@ -12,7 +12,6 @@ import logging
 import time
 from collections import defaultdict
 from concurrent.futures import Future
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,6 @@ import zmq
 
 from tandem.errors import ErrorKind
 from tandem.llm.messages import (
-    AdapterInfo,
     AdapterOp,
     AdapterReply,
     Cancel,
@@ -145,9 +143,8 @@ class _Loop:
             self._send(front, Tokens(model=self.entry.uid, items=items))
 
     def _reply(self, op: AdapterOp, error: str = "", kind: ErrorKind | None = None) -> None:
-        infos = [AdapterInfo(**asdict(i)) for i in self.engine.adapters.infos()]
         self._send(op.front, AdapterReply(model=self.entry.uid, op_id=op.op_id, error=error, error_kind=kind,
-                                          adapters=infos))
+                                          adapters=self.engine.adapters.infos()))
 
     def _adapter_op(self, op: AdapterOp) -> None:
         store = self.engine.adapters

@@ -8,9 +8,9 @@ import orjson
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
 
-from tandem.errors import PayloadTooLarge
+from tandem.errors import InvalidInput, PayloadTooLarge
 
-__all__ = ["json_response", "read_limited"]
+__all__ = ["json_object", "json_response", "read_limited"]
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -30,3 +30,14 @@ async def read_limited(request: HTTPRequest, limit: int, owner: str) -> bytes:
             raise PayloadTooLarge(f"body is over the {limit}-byte limit of {owner}")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """A request body that must be a JSON object; 400 naming the problem otherwise."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise InvalidInput(f"malformed JSON body: {e}") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("the JSON body must be an object")
+    return data

@@ -20,13 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import orjson
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
 
 from tandem.errors import ErrorKind, InvalidInput, ModelNotFound, PayloadTooLarge, TandemError
 from tandem.model import EMBEDDING_FIELD, Request, RequestSpec
-from tandem.serving.bodies import json_response, read_limited
+from tandem.serving.bodies import json_object, json_response, read_limited
 from tandem.serving.kinds import FrontState, RouteDoc, RouteSpec, Schema
 from tandem.serving.openapi import json_body, obj
 from tandem.serving.protocols.openai_errors import OPENAI_ERROR, openai_error
@@ -62,16 +61,6 @@ class OpenAIEmbeddingsRequest:
     dimensions: int | None
 
 
-def _load_object(body: bytes) -> dict[str, Any]:
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        raise InvalidInput(f"malformed JSON body: {e}") from None
-    if not isinstance(data, dict):
-        raise InvalidInput("the JSON body must be an object")
-    return data
-
-
 def _is_token(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -99,7 +88,7 @@ def _items(value: Any, field: str) -> list[Item]:
 
 def parse_openai_embeddings(body: bytes) -> OpenAIEmbeddingsRequest:
     """Validate an OpenAI embeddings body (400 naming the field on any problem)."""
-    data = _load_object(body)
+    data = json_object(body)
     if "input" not in data:
         raise _bad("missing field input: a string or a list of strings (or token ids)", "input")
     model = data.get("model")
@@ -122,7 +111,7 @@ def parse_openai_embeddings(body: bytes) -> OpenAIEmbeddingsRequest:
 
 def parse_tei_embed(body: bytes) -> tuple[list[str], bool, bool]:
     """Validate a TEI `/embed` body: (texts, normalize, truncate)."""
-    data = _load_object(body)
+    data = json_object(body)
     if "inputs" not in data:
         raise InvalidInput('missing field "inputs": a string or a list of strings')
     inputs = data["inputs"]

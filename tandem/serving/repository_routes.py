@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
 
 from tandem.errors import Conflict, InvalidInput
-from tandem.serving.bodies import json_response, read_limited
+from tandem.serving.bodies import json_object, json_response, read_limited
 from tandem.serving.kinds import FrontState, RepoControl, RouteDoc, RouteSpec
 from tandem.serving.openapi import json_body, obj
 
@@ -30,12 +29,7 @@ async def _options(r: HTTPRequest) -> dict[str, Any]:
     body = await read_limited(r, _MAX_BODY, "repository requests")
     if not body.strip():
         return {}
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        raise InvalidInput(f"malformed JSON body: {e}") from None
-    if not isinstance(data, dict):
-        raise InvalidInput("the JSON body must be an object")
+    data = json_object(body)
     params = data.get("parameters", {})
     if not isinstance(params, dict):
         raise InvalidInput("parameters must be an object")

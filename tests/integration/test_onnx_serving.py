@@ -137,9 +137,12 @@ def test_v2_metadata_and_infer_run_through_onnxruntime(onnx_server: Server) -> N
         meta = c.get("/v2/models/embeddings")
         assert meta.status_code == 200, meta.text
         assert meta.json()["platform"] == "onnxruntime_onnx"
-        assert meta.json()["inputs"] == [{"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]},
-                                         {"name": "attention_mask", "datatype": "INT64", "shape": [-1, -1]}]
-        assert meta.json()["outputs"] == [{"name": "embedding", "datatype": "FP32", "shape": [-1, 384]}]
+        # the request-level signature (text in, embedding out) is what users send; the tensor one is kept too
+        assert meta.json()["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+        tensors = meta.json()["parameters"]
+        assert tensors["tensor_inputs"] == [{"name": "input_ids", "datatype": "INT64", "shape": [-1, -1]},
+                                            {"name": "attention_mask", "datatype": "INT64", "shape": [-1, -1]}]
+        assert tensors["tensor_outputs"] == [{"name": "embedding", "datatype": "FP32", "shape": [-1, 384]}]
         r = c.post("/v2/models/embeddings/infer", json={"inputs": [
             {"name": "input_ids", "shape": [2, 4], "datatype": "INT64", "data": ids.ravel().tolist()},
             {"name": "attention_mask", "shape": [2, 4], "datatype": "INT64", "data": mask.ravel().tolist()}]})

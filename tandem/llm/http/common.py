@@ -20,7 +20,7 @@ from starlette.responses import StreamingResponse
 
 from tandem.errors import ErrorKind, InternalError, InvalidInput, ModelNotFound, TandemError
 from tandem.llm.client import Generation, LLMClient
-from tandem.serving.bodies import json_response, read_limited
+from tandem.serving.bodies import json_object, json_response, read_limited
 from tandem.serving.kinds import ErrorShape, FrontState, Schema
 from tandem.serving.openapi import obj
 from tandem.serving.protocols.openai_errors import OPENAI_ERROR, openai_error
@@ -59,14 +59,7 @@ def opt_float(body: dict[str, Any], key: str, lo: float, hi: float | None, *, lo
 
 async def read_json(request: HTTPRequest, limit: int = 4 * 1024 * 1024) -> dict[str, Any]:
     """The request body as a JSON object; 413 past `limit`, 400 naming the problem otherwise."""
-    body = await read_limited(request, limit, "LLM requests")
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        raise InvalidInput(f"malformed JSON body: {e}") from None
-    if not isinstance(data, dict):
-        raise InvalidInput("the JSON body must be an object")
-    return data
+    return json_object(await read_limited(request, limit, "LLM requests"))
 
 
 class LLMDirectory:
