@@ -16,6 +16,7 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
@@ -25,7 +26,12 @@ from tandem.llm.lora import LoraBank, SlotCopies
 from tandem.llm.model import KVCache, LlamaWeights, forward
 from tandem.llm.sampling import SamplerState, SamplingParams, choose, note_token, to_host
 
-__all__ = ["Engine", "EngineLimits", "GenInput", "StepOutput"]
+if TYPE_CHECKING:
+    from tandem.config import LLMConfig
+
+__all__ = ["Engine", "EngineLimits", "Finish", "GenInput", "StepOutput"]
+
+Finish = Literal["", "length", "eos_token"]  # why a sequence ended ("" = it goes on); TokenItem's too
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +46,18 @@ class EngineLimits:
     max_cpu_loras: int = 32
     max_lora_rank: int = 16
     lora_form: str = "slots"  # "slots" | "gathered" (BGMV-style) | "grouped" (SGMV-style); see lora.py
+
+    @classmethod
+    def from_config(cls, cfg: LLMConfig, model_path: Path) -> EngineLimits:
+        """The limits an entry's `llm:` section asks for; `model_path` is the entry's folder.
+
+        By name, not position, so a field added to either side cannot silently shift the others;
+        max_total_tokens is capped at the model's max_position_embeddings, as the fronts cap it.
+        """
+        return cls(max_batch_size=cfg.max_batch_size, max_total_tokens=cfg.total_tokens(model_path),
+                   max_prefill_tokens=cfg.max_prefill_tokens, max_waiting=cfg.max_waiting,
+                   max_loras=cfg.max_loras, max_cpu_loras=cfg.max_cpu_loras, max_lora_rank=cfg.max_lora_rank,
+                   lora_form=cfg.lora_form)
 
 
 @dataclass
@@ -61,7 +79,7 @@ class StepOutput:
     front: int
     token: int = -1
     logprob: float = 0.0
-    finish: str = ""  # "" | "length" | "eos_token"
+    finish: Finish = ""
     error: str = ""
     error_kind: str = ""  # "" | "not_found" | "invalid" | "overloaded"
 
@@ -214,7 +232,7 @@ class Engine:
         for s, tok, lp in zip(seqs, token_list, lp_list):
             s.generated += 1
             s.next_token = tok
-            finish = ""
+            finish: Finish = ""
             if tok in self.eos and not s.sampler.params.ignore_eos:
                 finish = "eos_token"
             elif s.generated >= s.sampler.params.max_new_tokens:  # submit() kept prompt + these in the cache

@@ -13,7 +13,7 @@ import time
 from collections import defaultdict
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -34,6 +34,9 @@ from tandem.serving.replicas import push_socket
 from tandem.serving.repository import ModelEntry
 from tandem.serving.worker_proc import run_worker
 
+if TYPE_CHECKING:  # the engine (torch) is imported only inside the worker process
+    from tandem.llm.engine import StepOutput
+
 __all__ = ["build_engine", "run_llm_worker"]
 
 logger = logging.getLogger(__name__)
@@ -51,9 +54,7 @@ def build_engine(entry: ModelEntry, device: str) -> Any:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
         cfg.dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32)
     weights = load_weights(cfg.model_dir(entry.config.path), device, dtype)
-    limits = EngineLimits(cfg.max_batch_size, cfg.total_tokens(entry.config.path),
-                          cfg.max_prefill_tokens, cfg.max_waiting, cfg.max_loras, cfg.max_cpu_loras,
-                          cfg.max_lora_rank, cfg.lora_form)
+    limits = EngineLimits.from_config(cfg, entry.config.path)
     engine = Engine(weights, limits)
     for name, path in cfg.adapters.items():
         engine.add_adapter_now(name, cfg.resolve(entry.config.path, path))
@@ -69,6 +70,12 @@ def build_engine(entry: ModelEntry, device: str) -> Any:
 # The engine's error strings (engine.py) as the typed kinds the fronts map to statuses.
 _ENGINE_ERRORS = {"not_found": ErrorKind.NOT_FOUND, "invalid": ErrorKind.VALIDATION,
                   "overloaded": ErrorKind.OVERLOADED}
+
+
+def _token_item(out: StepOutput) -> TokenItem:
+    """One engine output as the fronts receive it: the same fields, its error kind typed."""
+    return TokenItem(req_id=out.req_id, token=out.token, logprob=out.logprob, finish=out.finish,
+                     error=out.error, error_kind=_ENGINE_ERRORS.get(out.error_kind))
 
 
 class _Loop:
@@ -120,7 +127,7 @@ class _Loop:
         self._emit(outs)
 
     def _handle(self, msg: Generate | Cancel | AdapterOp) -> None:
-        from tandem.llm.engine import GenInput, StepOutput
+        from tandem.llm.engine import GenInput
 
         if isinstance(msg, Generate):
             err: StepOutput | None = self.engine.submit(
@@ -134,11 +141,10 @@ class _Loop:
         elif isinstance(msg, AdapterOp):
             self._adapter_op(msg)
 
-    def _emit(self, outs: list[Any]) -> None:
+    def _emit(self, outs: list[StepOutput]) -> None:
         by_front: dict[int, list[TokenItem]] = defaultdict(list)
         for o in outs:
-            by_front[o.front].append(TokenItem(req_id=o.req_id, token=o.token, logprob=o.logprob, finish=o.finish,
-                                               error=o.error, error_kind=_ENGINE_ERRORS.get(o.error_kind)))
+            by_front[o.front].append(_token_item(o))
         for front, items in by_front.items():
             self._send(front, Tokens(model=self.entry.uid, items=items))
 

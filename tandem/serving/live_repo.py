@@ -154,10 +154,13 @@ class LiveRepository:
     def _start(self, name: str, entries: list[ModelEntry]) -> None:
         """Arenas and replicas for new entries; on failure, undo them and raise why."""
         procs = []
+        # what is served once the load is done (the old versions of `name` retire): the CPU share of
+        # the new workers; those already running keep theirs (see share_cpus)
+        beside = [e for e in self.sup.entries if e.config.name != name] + entries
         try:
             self.sup.create_arenas(entries)
             for entry in entries:
-                procs += self.sup.spawn_replicas(entry)
+                procs += self.sup.spawn_replicas(entry, beside)
             self.sup.await_ready(procs, watch=True)
         except (RuntimeError, ConfigError) as e:
             self.sup.stop_procs(procs, 15)

@@ -9,9 +9,11 @@ Each entry is built by its kind (`Kind.entry`); this module names no kind.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import inspect
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
     from tandem.serving.kinds import Kinds
 
 __all__ = ["Found", "ModelEntry", "build_entry", "default_repository", "find_model", "instantiate", "load_model_class",
-           "repository_versions", "scan_repository", "tensor_entry"]
+           "repository_versions", "resolve_device", "scan_repository", "share_cpus", "tensor_entry"]
 
 
 def default_repository() -> Path:
@@ -72,6 +74,11 @@ class ModelEntry:
     outputs: tuple[TensorSpec, ...]
     max_request_rows: int
     code: Path  # the folder whose model.py defines the class
+    # The `device` setting of every worker replica that shares this machine, this entry's own
+    # included; the supervisor sets it when it spawns the workers (`share_cpus`), and `threads()`
+    # splits the CPUs among those that run on the CPU. Empty: not known (an entry built outside a
+    # server, e.g. by `tandem optimize` or a test): only this entry's own replicas count.
+    replica_devices: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -98,16 +105,49 @@ class ModelEntry:
         return self.item_bytes * self.max_request_rows + 64 * n
 
     def threads(self) -> int:
+        """Intra-op threads (torch, ONNX Runtime) of each replica: `threads: N`, else a fair slice of the CPUs.
+
+        `auto` splits the CPUs among the worker replicas in `replica_devices` that run on the CPU,
+        at least one thread each: when every worker takes all cores, several models on one machine
+        oversubscribe it (3 models on 2 cores timed out requests at low load). A replica on a GPU
+        counts in no one's share and keeps CPUs / instances, as its predict does not run on them.
+        """
         t = self.config.threads
-        return t if isinstance(t, int) else max(1, available_cpus() // self.config.instances)
+        if isinstance(t, int):
+            return t
+        sharing = self.config.instances
+        if self.replica_devices and not self.device().startswith("cuda"):
+            sharing = sum(1 for d in self.replica_devices if not resolve_device(d).startswith("cuda"))
+        return max(1, available_cpus() // max(1, sharing))
 
     def device(self) -> str:
-        dev = self.config.device
-        if dev != "auto":
-            return dev
-        import torch
+        return resolve_device(self.config.device)
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+
+def resolve_device(device: str) -> str:
+    """A `device` setting as it runs here: `auto` is CUDA when torch sees a GPU, else the CPU.
+
+    Imports torch only for `auto`, so the supervisor can count explicit devices without it.
+    """
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def share_cpus(entry: ModelEntry, entries: Iterable[ModelEntry]) -> ModelEntry:
+    """`entry` as its workers start beside the server's `entries`: with every replica's device recorded.
+
+    `entries` is the set the server runs once these workers are up (`entry` counts once, whether
+    it is in there or not). Devices stay as configured: `auto` is resolved in the worker, which
+    imports torch anyway. When the set changes later (a live load or unload), workers already
+    running keep the threads they started with, which is acceptable: re-splitting would need a
+    message to every running worker. A worker started or restarted afterwards gets the new share.
+    """
+    others = [e for e in entries if e.uid != entry.uid]
+    devices = tuple(e.config.device for e in (entry, *others) for _ in range(e.config.instances))
+    return dataclasses.replace(entry, replica_devices=devices)
 
 
 _PLATFORMS = {"torch": "tandem_pytorch", "onnxruntime": "onnxruntime_onnx"}

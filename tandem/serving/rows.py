@@ -80,18 +80,7 @@ def _check_row(client: TensorClient, arrays: Any) -> Row:
 
 def preprocess_rows(client: TensorClient, requests: list[Request]) -> list[Row]:
     """Run the model's preprocess on every row (in this front), checking each against the tensor inputs."""
-    m = metrics()
-    rows: list[Row] = []
-    for req in requests:
-        t0 = time.perf_counter()
-        client.preprocessing += 1
-        try:
-            arrays = client.model.preprocess(req)
-        finally:
-            client.preprocessing -= 1
-        m.preprocess_time.labels(client.name).observe(time.perf_counter() - t0)
-        rows.append(_check_row(client, arrays))
-    return rows
+    return [_check_row(client, client.preprocess(req)) for req in requests]
 
 
 def checked_rows(client: TensorClient, rows: list[Any]) -> list[Row]:

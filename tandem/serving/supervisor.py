@@ -20,6 +20,7 @@ import socket
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -32,7 +33,7 @@ from tandem.errors import ConfigError
 from tandem.serving.kinds import Kinds
 from tandem.serving.layout import RunLayout
 from tandem.serving.messages import Event, Ready, control_decoder, encoder
-from tandem.serving.repository import ModelEntry
+from tandem.serving.repository import ModelEntry, share_cpus
 from tandem.serving.shm import Arena, arena_bytes, check_shm_space
 
 __all__ = ["StartupInterrupted", "Supervisor", "default_cpu_workers", "sweep_stale_arenas"]
@@ -176,16 +177,20 @@ class Supervisor:
         self.port = sock.getsockname()[1]
         return sock
 
-    def spawn_replicas(self, entry: ModelEntry) -> list[_Proc]:
-        procs = [self._spawn("accel", r, entry) for r in range(entry.config.instances)]
+    def spawn_replicas(self, entry: ModelEntry, beside: Sequence[ModelEntry] | None = None) -> list[_Proc]:
+        """Start every replica of `entry`; `beside`: the entries served once they are up (default: now's)."""
+        procs = [self._spawn("accel", r, entry, beside) for r in range(entry.config.instances)]
         self.procs.extend(procs)
         return procs
 
-    def _spawn(self, role: str, index: int, entry: ModelEntry | None) -> _Proc:
+    def _spawn(self, role: str, index: int, entry: ModelEntry | None,
+               beside: Sequence[ModelEntry] | None = None) -> _Proc:
         if role == "accel":
             assert entry is not None
             target = self.kinds[entry.config.kind].worker(entry)
-            proc = self.mp.Process(target=target, args=(entry, index, self.layout, os.getpid(), self.server.log_level),
+            # the worker sizes `threads: auto` by the replicas it shares the CPUs with (share_cpus)
+            shared = share_cpus(entry, self.entries if beside is None else beside)
+            proc = self.mp.Process(target=target, args=(shared, index, self.layout, os.getpid(), self.server.log_level),
                                    name=f"tandem-accel-{entry.key}-{index}")
         else:
             from tandem.serving.front import run_front

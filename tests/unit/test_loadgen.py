@@ -92,11 +92,18 @@ def server() -> Iterator[str]:
 
 @dataclass
 class RawServer:
-    """Hand-written HTTP/1.1 responses; counts the connections it accepts."""
+    """Hand-written HTTP/1.1 responses; counts the connections and requests it accepts."""
 
     url: str = ""
     connections: int = 0
+    requests: int = 0  # over all connections: the flaky paths alternate on it
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
+
+    def response(self, path: str) -> bytes:
+        """The canned answer to `path`; a flaky one is a 503 to every other request, else a 200."""
+        if path in FLAKY_RESPONSES:
+            return FLAKY_RESPONSES[path] if self.requests % 2 else FLAKY_OK
+        return RAW_RESPONSES[path]
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -109,7 +116,8 @@ class RawServer:
                     if line.startswith(b"content-length:"):
                         await reader.readexactly(int(line.split(b":")[1]))
                 served += 1
-                writer.write(RAW_RESPONSES[path.split("?")[0]])
+                self.requests += 1
+                writer.write(self.response(path.split("?")[0]))
                 await writer.drain()
                 if path == "/eof" or (path == "/close-every-2" and served % 2 == 0):
                     break
@@ -130,6 +138,12 @@ RAW_RESPONSES = {
                   b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"),
     "/garbage": b"SMTP ready\r\n\r\n",
 }
+# Retry-After handling (test_loadgen_retry.py): 503s with and without the header, between 200s.
+FLAKY_RESPONSES = {
+    "/busy": b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\nRetry-After: 2\r\n\r\n{}",
+    "/plain": b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\n\r\n{}",
+}
+FLAKY_OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
 
 
 @pytest.fixture(scope="module")

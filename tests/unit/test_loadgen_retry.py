@@ -1,58 +1,20 @@
-"""`tandem bench` honours Retry-After: waits are checked through a fake pause, never by timing."""
+"""`tandem bench` honours Retry-After: waits are checked through a fake pause, never by timing.
+
+The server is test_loadgen.py's raw one: its flaky paths answer 503 to every other request,
+`/busy` with `Retry-After: 2`, `/plain` without it.
+"""
+# ruff: noqa: F811  (pytest injects the imported fixture `raw` by parameter name)
 
 from __future__ import annotations
 
 import asyncio
 import random
-import threading
-from collections.abc import Iterator
 
 import pytest
 
 from tandem.bench import loadgen
 from tandem.bench.loadgen import MAX_RETRY_AFTER_S, retry_wait, run_load_sync
-
-BUSY = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\nRetry-After: 2\r\n\r\n{}"
-BUSY_NO_HEADER = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\n\r\n{}"
-OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
-
-
-class Flaky:
-    """Answers 503 (+ Retry-After: 2 on /busy) to every other request, else 200."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.loop = asyncio.new_event_loop()
-        self.url = ""
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                path = head.split(b" ", 2)[1]
-                for line in head.lower().split(b"\r\n"):
-                    if line.startswith(b"content-length:"):
-                        await reader.readexactly(int(line.split(b":")[1]))
-                self.count += 1
-                busy = BUSY if path == b"/busy" else BUSY_NO_HEADER
-                writer.write(busy if self.count % 2 else OK)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-
-@pytest.fixture(scope="module")
-def flaky() -> Iterator[Flaky]:
-    srv = Flaky()
-    server = srv.loop.run_until_complete(asyncio.start_server(srv.handle, "127.0.0.1", 0))
-    srv.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    thread = threading.Thread(target=srv.loop.run_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.loop.call_soon_threadsafe(srv.loop.stop)
-    thread.join(5)
+from tests.unit.test_loadgen import RawServer, raw  # noqa: F401
 
 
 @pytest.fixture
@@ -83,9 +45,9 @@ def test_retry_after_is_parsed_as_seconds_or_a_date() -> None:
     assert loadgen._retry_after(b"HTTP/1.1 503 X\r\nContent-Length: 0\r\n\r\n") is None
 
 
-def test_a_503_with_retry_after_is_retried_after_the_wait(flaky: Flaky, pauses: list[float]) -> None:
+def test_a_503_with_retry_after_is_retried_after_the_wait(raw: RawServer, pauses: list[float]) -> None:
     # Retry-After: 2, capped at 0.05 s so that retries fall inside the short window
-    r = run_load_sync(f"{flaky.url}/busy", b"{}", concurrency=1, duration_s=0.3, warmup_s=0.0,
+    r = run_load_sync(f"{raw.url}/busy", b"{}", concurrency=1, duration_s=0.3, warmup_s=0.0,
                       max_retry_after_s=0.05)
     assert r.rejected > 0 and r.retries > 0 and r.status_counts.get(200, 0) > 0
     # every wait is the capped Retry-After with upward jitter, or (near the window's end) what is left of it
@@ -95,22 +57,22 @@ def test_a_503_with_retry_after_is_retried_after_the_wait(flaky: Flaky, pauses: 
     assert r.row()["rejected"] == r.rejected
 
 
-def test_not_honouring_sends_again_at_once(flaky: Flaky, pauses: list[float]) -> None:
-    r = run_load_sync(f"{flaky.url}/busy", b"{}", concurrency=1, duration_s=0.3, warmup_s=0.0,
+def test_not_honouring_sends_again_at_once(raw: RawServer, pauses: list[float]) -> None:
+    r = run_load_sync(f"{raw.url}/busy", b"{}", concurrency=1, duration_s=0.3, warmup_s=0.0,
                       honour_retry_after=False)
     assert r.rejected > 0 and r.retries == 0 and pauses == []
 
 
-def test_a_503_without_the_header_is_not_waited_on(flaky: Flaky, pauses: list[float]) -> None:
-    r = run_load_sync(f"{flaky.url}/plain", b"{}", concurrency=1, duration_s=0.3, warmup_s=0.0)
+def test_a_503_without_the_header_is_not_waited_on(raw: RawServer, pauses: list[float]) -> None:
+    r = run_load_sync(f"{raw.url}/plain", b"{}", concurrency=1, duration_s=0.3, warmup_s=0.0)
     assert r.rejected > 0 and r.retries == 0 and pauses == []
 
 
-def test_a_wait_past_the_window_sits_it_out(flaky: Flaky, pauses: list[float]) -> None:
-    r = run_load_sync(f"{flaky.url}/busy", b"{}", concurrency=1, duration_s=0.3, warmup_s=0.0)
+def test_a_wait_past_the_window_sits_it_out(raw: RawServer, pauses: list[float]) -> None:
+    r = run_load_sync(f"{raw.url}/busy", b"{}", concurrency=1, duration_s=0.3, warmup_s=0.0)
     assert r.rejected > 0 and r.retries == 0 and pauses and all(p <= 0.3 for p in pauses)
 
 
-def test_open_loop_retries_too(flaky: Flaky, pauses: list[float]) -> None:
-    r = run_load_sync(f"{flaky.url}/busy", b"{}", rate=50, duration_s=0.3, warmup_s=0.0, max_retry_after_s=0.05)
+def test_open_loop_retries_too(raw: RawServer, pauses: list[float]) -> None:
+    r = run_load_sync(f"{raw.url}/busy", b"{}", rate=50, duration_s=0.3, warmup_s=0.0, max_retry_after_s=0.05)
     assert r.rejected > 0 and r.retries > 0 and any(0.05 <= p <= 0.0625 for p in pauses)

@@ -23,6 +23,7 @@ from tandem.serving.protocols import v2
 from tandem.serving.protocols.openai_errors import openai_error
 from tandem.serving.repository import load_model_class
 from tandem.serving.rows import collect_outputs, infer_request_level, infer_rows
+from tandem.serving.tensor_client import TensorClient
 
 
 class Bytes(Model):
@@ -60,6 +61,9 @@ class FakeClient:
         self.entry = SimpleNamespace(inputs=tuple(model.inputs), max_request_rows=rows, key=self.key, config=config)
         self.preprocessing = 0
         self.calls: list[tuple[dict[str, np.ndarray], int, int]] = []
+
+    # the real one: it needs only `model`, `name` and `preprocessing`, and counts and times each call
+    preprocess = TensorClient.preprocess
 
     async def infer(self, arrays: dict[str, np.ndarray], rows: int, length: int) -> dict[str, np.ndarray]:
         self.calls.append((arrays, rows, length))
