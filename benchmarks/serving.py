@@ -40,7 +40,6 @@ import math
 import os
 import platform
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -56,6 +55,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _proc import spawn_group, stop, tail  # noqa: E402  (benchmarks/_proc.py)
 
 from tandem.bench.loadgen import run_load_sync  # noqa: E402
 
@@ -207,39 +208,7 @@ def infinity_command(python: Path, case: Case, port: int) -> list[str]:
 
 
 def spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
-    """Start `cmd` in its own session (so its whole process group can be stopped), output to `log`."""
-    with log.open("wb") as out:
-        return subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
-
-
-def stop(proc: subprocess.Popen[bytes], grace_s: float = 40.0) -> None:
-    """SIGTERM the server; then give its leftover children (same process group) 5 s, then SIGKILL."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-    deadline = time.monotonic() + 5.0
-    while _group_alive(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if _group_alive(proc.pid):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def tail(log: Path, lines: int = 30) -> str:
-    text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
-    return "\n".join(text.splitlines()[-lines:])
+    return spawn_group(cmd, log, child_env(), ROOT)
 
 
 def wait_ready(url: str, case: Case, proc: subprocess.Popen[bytes], log: Path) -> Any:

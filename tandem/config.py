@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from tandem.errors import ConfigError
 
-__all__ = ["BatchingConfig", "LLMConfig", "ModelConfig", "OnnxConfig", "ServerConfig", "is_loopback",
-           "load_model_config", "parse_bytes"]
+__all__ = ["SAMPLERS", "BatchingConfig", "DiffusionConfig", "LLMConfig", "ModelConfig", "OnnxConfig", "ServerConfig",
+           "StageConfig", "is_loopback", "load_model_config", "parse_bytes"]
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "kib": 1024, "mib": 1024**2, "gib": 1024**3}
@@ -41,6 +41,12 @@ def available_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def check_device(v: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {v!r}")
+    return v
 
 
 class _Strict(BaseModel):
@@ -95,6 +101,98 @@ class LLMConfig(_Strict):
         return min(self.max_total_tokens, positions or self.max_total_tokens)
 
 
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+SAMPLERS = ("dpmpp_2m", "euler", "euler_a", "ddim")  # per-request schedulers of the diffusion kind
+
+
+class StageConfig(_Strict):
+    """Where and how one sub-model of a diffusion pipeline runs (text encoder, UNet, VAE decoder).
+
+    `device: auto` follows the entry's device; `dtype: auto` is bf16 on CUDA, fp32 on CPU (the seed
+    compiles every stage in bf16 on accelerators). `runtime` is the seam for compiled sub-models:
+    `torch` (eager, optionally `compile`d per size bucket) runs every stage; the UNet may instead run
+    on `onnxruntime` or `openvino` (CPU, fp32: exported once per size bucket and cached, see
+    tandem/diffusion/runtimes.py and BENCHMARKS.md for what they give on CPUs).
+    """
+
+    device: str = "auto"
+    dtype: DType = "auto"
+    runtime: Literal["torch", "onnxruntime", "openvino"] = "torch"
+    compile: bool = False  # torch.compile with static shapes per size bucket (GPU path)
+    channels_last: bool = False
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return check_device(v)
+
+
+def _size(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)x(\d+)", text)
+    if not m:
+        raise ValueError(f"size {text!r} is not WIDTHxHEIGHT, e.g. 512x512")
+    return int(m.group(1)), int(m.group(2))
+
+
+class DiffusionConfig(_Strict):
+    """A text-to-image entry (`kind: diffusion`): a diffusers Stable Diffusion 1.x/2.x pipeline folder.
+
+    The folder holds model_index.json, text_encoder, tokenizer, unet, vae and scheduler (safetensors
+    only). Requests are denoised together, one UNet call per iteration over every active request of
+    the same size (see tandem/diffusion/engine.py); `max_batch_rows` counts UNet rows, two per image
+    with classifier-free guidance.
+    """
+
+    path: str = "pipeline"
+    sizes: list[str] = Field(default_factory=lambda: ["512x512"], min_length=1)  # buckets; first = default
+    scheduler: Literal["dpmpp_2m", "euler", "euler_a", "ddim"] = "dpmpp_2m"
+    default_steps: int = Field(default=20, ge=1, le=1000)
+    min_steps: int = Field(default=1, ge=1)
+    max_steps: int = Field(default=100, ge=1, le=1000)
+    default_guidance: float = Field(default=7.5, ge=0.0, le=100.0)
+    max_guidance: float = Field(default=30.0, ge=0.0, le=100.0)
+    max_images: int = Field(default=4, ge=1, le=64)  # images one request may ask for (n, batch_size)
+    max_batch_rows: int = Field(default=8, ge=1, le=1024)  # UNet rows per iteration
+    max_waiting: int = Field(default=64, ge=1, le=65536)  # queued requests beyond the active ones; 503 past it
+    preview_interval_ms: float = Field(default=250.0, ge=0.0)  # at most one preview per request this often
+    text_encoder: StageConfig = Field(default_factory=StageConfig)
+    unet: StageConfig = Field(default_factory=StageConfig)
+    vae: StageConfig = Field(default_factory=StageConfig)
+
+    @field_validator("sizes")
+    @classmethod
+    def _sizes(cls, v: list[str]) -> list[str]:
+        for s in v:
+            w, h = _size(s)
+            if w % 8 or h % 8 or not (8 <= w <= 4096 and 8 <= h <= 4096):
+                raise ValueError(f"size {s!r}: width and height must be multiples of 8 between 8 and 4096")
+        return v
+
+    @model_validator(mode="after")
+    def _ranges(self) -> DiffusionConfig:
+        if not self.min_steps <= self.default_steps <= self.max_steps:
+            raise ValueError("need min_steps <= default_steps <= max_steps")
+        if self.default_guidance > self.max_guidance:
+            raise ValueError("default_guidance must be <= max_guidance")
+        for name, stage in (("text_encoder", self.text_encoder), ("vae", self.vae)):
+            if stage.runtime != "torch":
+                raise ValueError(f"{name}.runtime {stage.runtime!r}: only the UNet stage runs on another runtime; "
+                                 "the text encoder and VAE run on torch")
+        if self.unet.runtime != "torch" and (self.unet.device.startswith("cuda") or self.unet.dtype not in
+                                             ("auto", "float32") or self.unet.compile):
+            raise ValueError(f"unet.runtime {self.unet.runtime!r} runs the UNet in fp32 on the CPU (fix: device cpu, "
+                             "dtype auto or float32, compile false; on GPUs use runtime torch)")
+        return self
+
+    def buckets(self) -> list[tuple[int, int]]:
+        """The allowed (width, height) pairs, the default first."""
+        return [_size(s) for s in self.sizes]
+
+    def pipeline_dir(self, base: Path) -> Path:
+        p = Path(self.path).expanduser()
+        return (p if p.is_absolute() else base / p).resolve()
+
+
 class OnnxConfig(_Strict):
     """The `onnx:` section of a `runtime: onnxruntime` entry: which artefact, on which providers.
 
@@ -144,8 +242,10 @@ class ModelConfig(_Strict):
     weights: str | None = None
     warmup: bool = True  # one dummy predict per replica at start (first requests are not slow)
     params: dict[str, Any] = Field(default_factory=dict)
-    kind: Literal["model", "llm"] = "model"  # "llm": no model.py; the `llm` section says what to serve
+    # "llm" / "diffusion": no model.py; the `llm` / `diffusion` section says what to serve
+    kind: Literal["model", "llm", "diffusion"] = "model"
     llm: LLMConfig | None = None
+    diffusion: DiffusionConfig | None = None
     # What runs each batch: "torch" calls model.py's setup/predict; "onnxruntime" runs the `onnx:`
     # artefact instead (preprocess/postprocess still come from model.py).
     runtime: Literal["torch", "onnxruntime"] = "torch"
@@ -155,9 +255,7 @@ class ModelConfig(_Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {v!r}")
-        return v
+        return check_device(v)
 
     @field_validator("memory_limit", "max_request_bytes", mode="before")
     @classmethod
@@ -175,12 +273,14 @@ class ModelConfig(_Strict):
     def _llm_section(self) -> ModelConfig:
         if (self.kind == "llm") != (self.llm is not None):
             raise ValueError("kind: llm needs an `llm:` section (and only kind: llm may have one)")
+        if (self.kind == "diffusion") != (self.diffusion is not None):
+            raise ValueError("kind: diffusion needs a `diffusion:` section (and only kind: diffusion may have one)")
         return self
 
     @model_validator(mode="after")
     def _onnx_section(self) -> ModelConfig:
-        if self.kind == "llm" and (self.runtime != "torch" or self.onnx is not None):
-            raise ValueError("kind: llm entries run on the built-in LLM engine (fix: remove `runtime:` and "
+        if self.kind != "model" and (self.runtime != "torch" or self.onnx is not None):
+            raise ValueError(f"kind: {self.kind} entries run on their built-in engine (fix: remove `runtime:` and "
                              "`onnx:`)")
         if self.runtime == "onnxruntime" and self.onnx is None:
             raise ValueError("runtime: onnxruntime needs an `onnx:` section (fix: add `onnx: {path: "

@@ -6,7 +6,7 @@ import os
 
 __all__ = ["TANDEM_HOST", "TANDEM_PORT", "TANDEM_CPU_WORKERS", "TANDEM_SHM_DIR", "TANDEM_LOG_LEVEL",
            "TANDEM_DRAIN_TIMEOUT_S", "TANDEM_API_KEY", "TANDEM_ADMIN_KEY", "LORA_ADAPTERS", "env_str",
-           "shm_dir"]
+           "TANDEM_CACHE_DIR", "cache_dir", "shm_dir"]
 
 
 def env_str(name: str, default: str | None = None) -> str | None:
@@ -28,9 +28,17 @@ TANDEM_API_KEY = "TANDEM_API_KEY"
 # Key the mutating routes (adapter load/unload) need; defaults to TANDEM_API_KEY.
 TANDEM_ADMIN_KEY = "TANDEM_ADMIN_KEY"
 
+# Where derived artefacts are kept between runs (a diffusion UNet exported for onnxruntime/openvino);
+# default ~/.cache/tandem.
+TANDEM_CACHE_DIR = "TANDEM_CACHE_DIR"
+
 # Adapters of `tandem serve --llm` loaded at start, "name=path,name=path" (same name as TGI's variable).
 LORA_ADAPTERS = "LORA_ADAPTERS"
 
 
 def shm_dir() -> str:
     return env_str(TANDEM_SHM_DIR) or "/dev/shm"
+
+
+def cache_dir() -> str:
+    return env_str(TANDEM_CACHE_DIR) or os.path.join(os.path.expanduser("~"), ".cache", "tandem")

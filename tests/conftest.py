@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURE_REPO = ROOT / "tests" / "fixtures" / "repo"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Exported artefacts (a diffusion UNet for onnxruntime) go to a folder of this test run, not ~/.cache.
+os.environ.setdefault("TANDEM_CACHE_DIR", tempfile.mkdtemp(prefix="tandem-test-cache-"))
 
 
 def free_port() -> int:
@@ -55,6 +58,31 @@ class Server:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+
+def _ppid(pid: str) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def pid_bound_to(suffix: str, parent: int) -> int:
+    """The pid of the child of `parent` that bound the unix socket whose path ends with `suffix`."""
+    inodes = {line.split()[6] for line in Path("/proc/net/unix").read_text().splitlines()[1:]
+              if len(line.split()) > 7 and line.split()[7].endswith(suffix)}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if _ppid(pid) != parent:
+                continue
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:[") and link[8:-1] in inodes:
+                return int(pid)
+    raise AssertionError(f"no process bound {suffix}")
 
 
 def echo_repo(tmp_path: Path, yaml_text: str, name: str = "echo") -> Path:
@@ -127,6 +155,31 @@ def llm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     repo = tmp_path_factory.mktemp("llm-repo")
     (repo / "tiny-llm").symlink_to(TINY_LLM, target_is_directory=True)
     server = start_server(repo, "--cpu-workers", "2")
+    yield server
+    server.stop()
+
+
+def diffusion_repo(root: Path, yaml_extra: str = "", name: str = "t2i", with_echo: bool = False) -> Path:
+    """A repository with a random-weight tiny Stable Diffusion entry (32x32 and 16x16), and the echo model."""
+    from tandem.diffusion.testing import make_random_pipeline
+
+    folder = root / "repo" / name
+    make_random_pipeline(folder / "pipeline")
+    (folder / "tandem.yaml").write_text(f"name: {name}\nkind: diffusion\ntimeout_s: 60\ndiffusion:\n"
+                                        f"  sizes: ['32x32', '16x16']\n  default_steps: 6\n  max_steps: 400\n"
+                                        f"  max_batch_rows: 16\n{yaml_extra}")
+    if with_echo:
+        echo = root / "repo" / "echo"
+        echo.mkdir()
+        (echo / "model.py").write_text((FIXTURE_REPO / "echo" / "model.py").read_text())
+        (echo / "tandem.yaml").write_text((FIXTURE_REPO / "echo" / "tandem.yaml").read_text())
+    return root / "repo"
+
+
+@pytest.fixture(scope="session")
+def diffusion_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server with the tiny random diffusion entry `t2i` beside the echo tensor model."""
+    server = start_server(diffusion_repo(tmp_path_factory.mktemp("t2i"), with_echo=True))
     yield server
     server.stop()
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TOLERANCES", "assert_close_to_reference", "cosine_rows"]
+__all__ = ["MIN_PSNR_DB", "TOLERANCES", "assert_close_to_reference", "assert_same_image", "cosine_rows", "psnr"]
 
 # (atol, rtol) per dtype the fast path computes in. fp32: reordered reductions and fused kernels
 # stay within 1e-4 on logits of the small test models; bf16/fp16 carry 8/11 mantissa bits.
@@ -54,3 +54,22 @@ def cosine_rows(a: Any, b: Any) -> np.ndarray:
     """Cosine similarity of matching rows, for embeddings compared with their reference."""
     x, y = _numpy(a), _numpy(b)
     return np.sum(x * y, axis=-1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1))
+
+
+# Images: the issue's rule for "equals stock diffusers" (fp32 on CPU) is PSNR >= 40 dB on uint8 pixels.
+MIN_PSNR_DB = 40.0
+
+
+def psnr(a: Any, b: Any) -> float:
+    """Peak signal-to-noise ratio of two uint8 images (inf when identical)."""
+    x, y = _numpy(a), _numpy(b)
+    assert x.shape == y.shape, f"image shape {x.shape} != {y.shape}"
+    mse = float(np.mean((x - y) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def assert_same_image(got: Any, want: Any, *, what: str = "", min_db: float = MIN_PSNR_DB) -> None:
+    """Fail unless PSNR(got, want) >= min_db; a test asking for less says why in `what`."""
+    value = psnr(got, want)
+    assert value >= min_db, f"{what or 'image parity'}: PSNR {value:.1f} dB < {min_db:g} dB"
+

@@ -96,6 +96,36 @@ def _wrap(state: FrontState, route: RouteSpec, auth: Auth | None = None) -> Hand
     return handler
 
 
+def _routes(state: FrontState, specs: list[RouteSpec], auth: Auth) -> list[Route]:
+    """One Starlette route per (path, method); a path several kinds answer goes to the one that claims it."""
+    groups: dict[tuple[str, str], list[RouteSpec]] = {}
+    for s in specs:
+        groups.setdefault((s.path, s.method), []).append(s)
+    routes = []
+    for (path, method), group in groups.items():
+        fallbacks = [s for s in group if s.claims is None]
+        if len(fallbacks) > 1:
+            raise ValueError(f"{method} {path} is added by {len(fallbacks)} routes without `claims`; at most one "
+                             "may be the fallback")
+        if len(group) == 1:
+            routes.append(Route(path, _wrap(state, group[0], auth), methods=[method]))
+            continue
+        claimed = [(s.claims, _wrap(state, s, auth)) for s in group if s.claims is not None]
+        fallback = _wrap(state, fallbacks[0], auth) if fallbacks else claimed[-1][1]
+        routes.append(Route(path, _dispatch(claimed, fallback), methods=[method]))
+    return routes
+
+
+def _dispatch(claimed: list[tuple[Any, Handler]], fallback: Handler) -> Handler:
+    async def handler(request: HTTPRequest) -> Response:
+        for claims, h in claimed:
+            if claims(request):
+                return await h(request)
+        return await fallback(request)
+
+    return handler
+
+
 def core_routes(state: FrontState) -> list[RouteSpec]:
     """Health that spans every kind."""
 
@@ -169,7 +199,7 @@ def build_app(state: FrontState, kinds: Kinds, lifespan: Any = None, auth: Auth 
     document.update(openapi_document(specs, unwrapped, secured=auth.enabled))
     if missing := undocumented([*specs, *unwrapped]):
         logger.warning("routes missing from /openapi.json (no RouteSpec.doc): %s", ", ".join(missing))
-    routes = [Route(s.path, _wrap(state, s, auth), methods=[s.method]) for s in specs]
+    routes = _routes(state, specs, auth)
     routes += [Route(s.path, _guard(auth, s, s.handler), methods=[s.method]) for s in unwrapped]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.add_exception_handler(404, _not_found_for(specs))

@@ -130,6 +130,9 @@ class RouteSpec:
     # Who may call it (README "Auth"): "public" (health probes), "user" (the API key; the default, so a
     # new route is protected unless it says otherwise) or "admin" (mutating: the admin key).
     access: Access = "user"
+    # A path several kinds answer (`/predictions/{model}`, `/invocations`): the first route whose
+    # `claims(request)` is true handles it, else the one route of that path without `claims`.
+    claims: Callable[[HTTPRequest], bool] | None = None
 
 
 class Kind(Protocol):

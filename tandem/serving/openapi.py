@@ -103,6 +103,23 @@ def undocumented(specs: Iterable[RouteSpec]) -> list[str]:
     return [f"{s.method} {s.path}" for s in specs if s.doc is None]
 
 
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """One operation for a path several kinds answer: summaries joined, bodies and responses united."""
+    out = {**a, "summary": f"{a['summary']} | {b['summary']}"}
+    if "requestBody" in b:
+        body = out.setdefault("requestBody", {"required": b["requestBody"]["required"], "content": {}})
+        out["requestBody"] = {**body, "content": {**b["requestBody"]["content"], **body["content"]}}
+    responses = dict(a["responses"])
+    for status, resp in b["responses"].items():
+        if status in responses and "content" in resp:
+            responses[status] = {**responses[status], "content": {**resp["content"],
+                                                                  **responses[status].get("content", {})}}
+        else:
+            responses.setdefault(status, resp)
+    out["responses"] = responses
+    return out
+
+
 def openapi_document(specs: Iterable[RouteSpec], unwrapped: Iterable[RouteSpec] = (), title: str = "Tandem",
                      secured: bool = False) -> dict[str, Any]:
     """The OpenAPI 3.1 document of these routes; `unwrapped` ones are outside the error boundary.
@@ -118,8 +135,10 @@ def openapi_document(specs: Iterable[RouteSpec], unwrapped: Iterable[RouteSpec] 
             if spec.doc is None:
                 continue
             tags.add(spec.doc.tag)
-            paths.setdefault(openapi_path(spec.path), {})[spec.method.lower()] = _operation(
-                spec, spec.doc, boundary, secured)
+            ops = paths.setdefault(openapi_path(spec.path), {})
+            op = _operation(spec, spec.doc, boundary, secured)
+            method = spec.method.lower()
+            ops[method] = _merge(ops[method], op) if method in ops else op
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": title, "version": __version__,

@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import concurrent.futures as cf
 import io
+from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -119,3 +121,31 @@ def test_tritonclient_json_and_binary(default_server: Server, reference_embeddin
         m.set_data_from_numpy(np.ones((1, 3), np.int64))
         client.infer("embeddings", [bad, m])
     client.close()
+
+
+def test_text_to_image_draws_what_it_is_asked_and_equals_stock_diffusers(default_server: Server) -> None:
+    """The built-in text-to-image model through `tandem serve`: the pixel checker reads back the prompt, and
+    every image equals stock StableDiffusionPipeline's for the same seed (the UNet runs on onnxruntime)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from tandem.diffusion import world
+    from tests.parity import assert_same_image
+
+    folder = Path(__file__).resolve().parents[2] / "tandem" / "default_repo" / "text-to-image" / "pipeline"
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    combos = world.all_combos()[::9]  # 10 of the 90, spread over colors, shapes and backgrounds
+    images = []
+    for i, combo in enumerate(combos):
+        text = world.prompt(*combo)
+        r = httpx.post(default_server.url + "/predictions/text-to-image", timeout=120,
+                       json={"prompt": text, "parameters": {"seed": 20_000 + i}})
+        assert r.status_code == 200, r.text
+        images.append(np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB")))
+        if i < 3:
+            ref = pipe(text, num_inference_steps=20, guidance_scale=4.0, generator=torch.Generator().manual_seed(
+                20_000 + i), output_type="np").images[0]
+            assert_same_image(images[-1], (ref * 255).round().astype(np.uint8), what=f"{text!r} vs diffusers")
+    scores = world.score(images, combos)
+    assert scores["all"] >= 0.7, scores

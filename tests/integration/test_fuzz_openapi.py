@@ -1,6 +1,7 @@
 """Property-based fuzzing of every route against /openapi.json (schemathesis), on a real server.
 
-One `tandem serve` with the echo test model and the built-in tiny-llm (4 adapters). For each
+One `tandem serve` with the echo test model, the built-in tiny-llm (4 adapters) and a random-weight
+tiny text-to-image entry. For each
 operation of the document, schemathesis generates valid and invalid requests (bodies, path
 parameters, headers, Triton binary bodies) and checks: no 5xx, the status is one the operation
 declares, the content type is a declared one and the body matches its declared schema. After
@@ -22,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import TINY_LLM, Server, echo_repo, start_server
+from tests.conftest import TINY_LLM, Server, diffusion_repo, echo_repo, start_server
 
 schemathesis = pytest.importorskip("schemathesis")
 from schemathesis.checks import not_a_server_error  # noqa: E402
@@ -54,6 +55,7 @@ max_request_bytes: 65536
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     repo = echo_repo(tmp_path_factory.mktemp("fuzz"), ECHO_YAML)
     (repo / "tiny-llm").symlink_to(TINY_LLM, target_is_directory=True)
+    diffusion_repo(repo.parent, "  max_images: 2\n", name="t2i")  # random tiny weights, 32x32 and 16x16
     server = start_server(repo, "--cpu-workers", "1")
     yield server
     code = server.stop()

@@ -12,32 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import TINY_LLM, Server, serve_fails, start_server
-
-
-def _ppid(pid: str) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
-def _pid_bound_to(suffix: str, parent: int) -> int:
-    """The pid of the child of `parent` that bound the unix socket whose path ends with `suffix`."""
-    inodes = {line.split()[6] for line in Path("/proc/net/unix").read_text().splitlines()[1:]
-              if len(line.split()) > 7 and line.split()[7].endswith(suffix)}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if _ppid(pid) != parent:
-                continue
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if link.startswith("socket:[") and link[8:-1] in inodes:
-                return int(pid)
-    raise AssertionError(f"no process bound {suffix}")
+from tests.conftest import TINY_LLM, Server, pid_bound_to, serve_fails, start_server
 
 
 def _repo(tmp_path: Path) -> Path:
@@ -56,7 +31,7 @@ def test_kill_9_llm_worker_with_requests_in_flight(tmp_path: Path) -> None:
     """Requests held by a worker that dies fail with a clear 500; the worker restarts with its adapters."""
     server = start_server(_repo(tmp_path), "--cpu-workers", "1")
     try:
-        victim = _pid_bound_to("task-0-0", server.pid)
+        victim = pid_bound_to("task-0-0", server.pid)
         os.kill(victim, signal.SIGSTOP)  # freeze it so the requests are surely in flight when it dies
         answers: list[httpx.Response] = []
 
@@ -80,7 +55,7 @@ def test_kill_9_llm_worker_with_requests_in_flight(tmp_path: Path) -> None:
                 break
             time.sleep(0.5)
         assert r.json()["generated_text"] == "olleh"  # restarted, adapters loaded again
-        assert _pid_bound_to("task-0-0", server.pid) != victim
+        assert pid_bound_to("task-0-0", server.pid) != victim
         assert 'tandem_worker_restarts_total{model="tiny-llm:1",role="accel"} 1.0' in httpx.get(
             server.url + "/metrics").text
     finally:

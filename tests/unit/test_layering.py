@@ -40,7 +40,7 @@ def test_every_builtin_kind_implements_the_interface() -> None:
     from tandem.kinds import builtin_kinds
 
     kinds = builtin_kinds()
-    assert sorted(kinds) == ["llm", "model"]
+    assert sorted(kinds) == ["diffusion", "llm", "model"]
     for name, kind in kinds.items():
         assert kind.name == name
         for attr in ("entry", "arena_bytes", "worker", "client", "routes", "describe"):

@@ -19,6 +19,9 @@ from typing import Any
 import orjson
 import pytest
 
+from tandem.diffusion.a1111 import parse_txt2img
+from tandem.diffusion.openai_images import parse_generation
+from tandem.diffusion.routes import parse_invocation
 from tandem.errors import TandemError
 from tandem.llm.http.openai import parse_chat, parse_completion, parse_load_adapter, parse_unload_adapter
 from tandem.llm.http.tgi import compat_stream, parse_generate
@@ -74,6 +77,18 @@ V2_BINARY_BODY = {"inputs": [{"name": "x", "shape": [2], "datatype": "FP32",
 LOAD_BODY = {"lora_name": "rev2", "lora_path": "reverse", "model": "tiny-llm"}
 UNLOAD_BODY = {"lora_name": "rev2", "model": "tiny-llm"}
 
+INVOKE_BODY = {"prompt": "a red circle", "inputs": "a red circle", "parameters": {
+    "negative_prompt": "blur", "num_inference_steps": 20, "guidance_scale": 7.5, "height": 64, "width": 64,
+    "seed": 3, "scheduler": "euler", "num_images_per_prompt": 1, "output_format": "png"}}
+IMAGES_BODY = {"model": "t2i", "prompt": "a red circle", "n": 1, "size": "64x64", "response_format": "b64_json",
+               "output_format": "png", "stream": False, "partial_images": 1, "quality": "auto", "background": "auto",
+               "user": "u", "negative_prompt": "", "steps": 20, "guidance_scale": 5.0, "seed": 1,
+               "sampler": "ddim", "progress": False}
+TXT2IMG_BODY = {"prompt": "a red circle", "negative_prompt": "", "steps": 20, "cfg_scale": 7.0, "seed": -1,
+                "width": 64, "height": 64, "batch_size": 1, "n_iter": 1, "sampler_name": "Euler a",
+                "enable_hr": False, "restore_faces": False, "tiling": False,
+                "override_settings": {"sd_model_checkpoint": "t2i"}}
+
 # (label, parser, valid body, OpenAPI operation whose request schema the body must cover)
 TABLE: list[tuple[str, Callable[[dict[str, Any]], Any], dict[str, Any], str | None]] = [
     ("tgi", _tgi, TGI_BODY, "/generate"),
@@ -85,6 +100,9 @@ TABLE: list[tuple[str, Callable[[dict[str, Any]], Any], dict[str, Any], str | No
     ("v2-binary", _v2_binary, V2_BINARY_BODY, None),
     ("load-adapter", parse_load_adapter, LOAD_BODY, "/v1/load_lora_adapter"),
     ("unload-adapter", parse_unload_adapter, UNLOAD_BODY, "/v1/unload_lora_adapter"),
+    ("sagemaker-image", parse_invocation, INVOKE_BODY, None),  # /invocations' documented body is the tensor one
+    ("openai-images", parse_generation, IMAGES_BODY, "/v1/images/generations"),
+    ("a1111-txt2img", parse_txt2img, TXT2IMG_BODY, "/sdapi/v1/txt2img"),
 ]
 
 

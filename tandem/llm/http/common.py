@@ -9,52 +9,25 @@ the request in the worker, freeing its KV slot at the next step.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
-from starlette.background import BackgroundTask
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import StreamingResponse
 
-from tandem.errors import ErrorKind, InternalError, InvalidInput, ModelNotFound, TandemError
+from tandem.errors import ErrorKind, ModelNotFound, TandemError
 from tandem.llm.client import Generation, LLMClient
-from tandem.serving.bodies import json_object, json_response, read_limited
+from tandem.serving.bodies import json_object, json_response, opt_float, opt_int, read_limited
 from tandem.serving.kinds import ErrorShape, FrontState, Schema
 from tandem.serving.openapi import obj
 from tandem.serving.protocols.openai_errors import OPENAI_ERROR, openai_error
+from tandem.serving.sse import sse_stream
 
 __all__ = ["LLMDirectory", "OPENAI_ERROR", "TGI_ERROR", "json_response", "openai_error", "opt_float", "opt_int",
            "read_json", "sse_response", "tgi_error"]
 
 logger = logging.getLogger(__name__)
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-def opt_int(body: dict[str, Any], key: str, lo: int, hi: int | None = None, *, name: str = "") -> int | None:
-    """An optional integer field in [lo, hi]; null or absent gives None. `name` is how errors call it."""
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-        bounds = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
-        raise InvalidInput(f"{name or key} must be an integer {bounds}; got {value!r}")
-    return value
-
-
-def opt_float(body: dict[str, Any], key: str, lo: float, hi: float | None, *, lo_open: bool = False,
-              name: str = "") -> float | None:
-    """An optional finite number with lo < / <= value <= hi; null or absent gives None."""
-    value = body.get(key)
-    if value is None:
-        return None
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > lo if lo_open else value >= lo) and (hi is None or value <= hi)
-    if not ok:
-        bounds = f"{'>' if lo_open else '>='} {lo:g}" + (f" and <= {hi:g}" if hi is not None else "")
-        raise InvalidInput(f"{name or key} must be a number {bounds}; got {value!r}")
-    return float(value)
 
 
 async def read_json(request: HTTPRequest, limit: int = 4 * 1024 * 1024) -> dict[str, Any]:
@@ -129,25 +102,5 @@ TGI_ERROR: Schema = obj({"error": {"type": "string"}, "error_type": {"type": "st
 
 def sse_response(events: AsyncIterator[dict[str, Any]], gen: Generation, done_marker: bool,
                  shape: ErrorShape = tgi_error) -> StreamingResponse:
-    """Server-sent events from dicts; errors mid-stream become a final error event in the API's shape.
-
-    The generation is closed when the body ends, and again (idempotent) as a background task, which
-    Starlette also runs when the client disconnected before the body was ever iterated.
-    """
-
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            async for event in events:
-                yield b"data:" + orjson.dumps(event) + b"\n\n"
-            if done_marker:
-                yield b"data: [DONE]\n\n"
-        except TandemError as e:
-            yield b"data:" + orjson.dumps(shape(e)[1]) + b"\n\n"
-        except Exception as e:  # keep serving others; the client sees why its stream ended
-            logger.exception("stream failed")
-            yield b"data:" + orjson.dumps(shape(InternalError(f"{type(e).__name__}: {e}"))[1]) + b"\n\n"
-        finally:
-            await gen.close()
-
-    return StreamingResponse(body(), media_type="text/event-stream", headers=_SSE_HEADERS,
-                             background=BackgroundTask(gen.close))
+    """Server-sent events from dicts (see tandem/serving/sse.py); the generation is closed when it ends."""
+    return sse_stream(events, gen.close, shape, done_marker=done_marker)
