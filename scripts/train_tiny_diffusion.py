@@ -465,7 +465,8 @@ def main() -> None:
         vae.save_pretrained(args.out / "vae")
         return
     cache = cache_latents(vae, args)
-    scaling = float(1.0 / (cache.mean + cache.std * torch.randn_like(cache.mean)).std())
+    eps = torch.randn(cache.mean.shape, generator=torch.Generator().manual_seed(args.seed + 4))
+    scaling = float(1.0 / (cache.mean + cache.std * eps).std())
     vae.register_to_config(scaling_factor=scaling)
     log(f"cached {len(cache.combo)} latents {tuple(cache.mean.shape[1:])}; scaling_factor {scaling:.4f}")
     torch.manual_seed(args.seed + 20)
