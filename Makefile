@@ -6,7 +6,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test bench lint install coverage
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: serve test bench lint install coverage chromium
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,10 +18,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The console's browser tests (tests/browser) drive Debian's chromium through Playwright; no
+# browser is downloaded by Playwright itself.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the browser tests"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
+
 serve: $(STAMP)
 	$(VENV)/bin/tandem serve
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(VENV)/bin/ruff check tandem tests benchmarks
 	$(VENV)/bin/mypy tandem
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
@@ -28,7 +37,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/serving.py --markdown bench-out/serving.md --json bench-out/serving.json
 	$(PY) benchmarks/lora.py --markdown bench-out/lora.md --json bench-out/lora.json
 
-coverage: $(STAMP)
+coverage: $(STAMP) chromium
 	rm -f .coverage .coverage.*
 	HF_HUB_OFFLINE=1 $(VENV)/bin/coverage run -m pytest -q
 	$(VENV)/bin/coverage combine -q

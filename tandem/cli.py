@@ -130,11 +130,12 @@ def serve(
     if server.api_key or server.admin_key:
         admin = "the admin key" if server.admin_key else "the API key"
         console.print(f"  auth: {'API key on every route but health, ' if server.api_key else ''}"
-                      f"{admin} on adapter load/unload")
+                      f"{admin} on adapter and repository load/unload")
     elif is_loopback(server.host):
         console.print("  auth: off (loopback only; pass --api-key to require a key)")
     else:
         console.print("[yellow]  auth: off on a non-loopback address (--insecure)[/yellow]")
+    console.print(f"  console: http://{host}:{sup.port}/")
     # Tests and scripts wait for this exact line on stdout.
     print(f"tandem ready on http://{host}:{sup.port}", flush=True)
     sup.run_forever()

@@ -207,6 +207,10 @@ class Model:
         outputs: list[TensorSpec]   what `predict` returns (per item)
         max_batch_size = 32         most items in one `predict` call
         max_batch_delay_ms = 5.0    longest wait for a batch to fill after its first item arrives
+        task = ""                   optional: what the model does, for clients and the console
+                                    ("image-classification": POST an image to /predictions/{model},
+                                    get {"predictions": [{"label", "score", ...}]}; an embedding
+                                    model is "embeddings" without saying so)
 
     Request-level signature (optional; both or neither): what users send and get back, per row.
     v2 `infer` requests whose input names match `request_inputs` run each row through
@@ -236,6 +240,7 @@ class Model:
     request_outputs: ClassVar[list[RequestSpec]] = []
     max_batch_size: ClassVar[int] = 32
     max_batch_delay_ms: ClassVar[float] = 5.0
+    task: ClassVar[str] = ""
 
     path: Path
     params: dict[str, Any]

@@ -9,11 +9,11 @@ are SageMaker's, OpenAI's and AUTOMATIC1111's (`routes.py`, `openai_images.py`, 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from tandem.config import BatchingConfig, ModelConfig
+from tandem.config import SAMPLERS, BatchingConfig, ModelConfig
 from tandem.diffusion.messages import ImageEvents, Images
 from tandem.serving.kinds import FrontState, RouteSpec, WorkerTarget
 from tandem.serving.repository import ModelEntry
@@ -64,6 +64,15 @@ class DiffusionKind:
         from tandem.diffusion.routes import diffusion_routes
 
         return diffusion_routes(state)
+
+    def card(self, entry: ModelEntry) -> dict[str, Any]:
+        cfg = entry.config.diffusion
+        assert cfg is not None
+        return {"task": "text-to-image", "sizes": list(cfg.sizes), "samplers": list(SAMPLERS),
+                "default_sampler": cfg.scheduler, "default_steps": cfg.default_steps, "min_steps": cfg.min_steps,
+                "max_steps": cfg.max_steps, "default_guidance": cfg.default_guidance,
+                "max_guidance": cfg.max_guidance, "max_images": cfg.max_images,
+                "max_batch_rows": cfg.max_batch_rows, "preview_interval_ms": cfg.preview_interval_ms}
 
     def describe(self, entry: ModelEntry) -> str:
         cfg = entry.config.diffusion

@@ -8,7 +8,7 @@ No model.py and no arena: prompts and tokens travel as token ids in the LLM mess
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -68,6 +68,13 @@ class LLMKind:
 
         llms = LLMDirectory(state)
         return tgi_routes(llms) + openai_routes(llms)
+
+    def card(self, entry: ModelEntry) -> dict[str, Any]:
+        cfg = entry.config.llm
+        assert cfg is not None
+        return {"task": "text-generation", "adapters": sorted(cfg.adapters), "max_loras": cfg.max_loras,
+                "max_total_tokens": cfg.max_total_tokens, "default_max_new_tokens": cfg.default_max_new_tokens,
+                "max_batch_size": cfg.max_batch_size, "dtype": cfg.dtype}
 
     def describe(self, entry: ModelEntry) -> str:
         cfg = entry.config.llm

@@ -183,8 +183,10 @@ def route_specs(state: FrontState, kinds: Kinds) -> list[RouteSpec]:
 
 def build_app(state: FrontState, kinds: Kinds, lifespan: Any = None, auth: Auth | None = None) -> Starlette:
     """The Starlette application of one front process; `auth` holds the API keys (none: no checks)."""
+    from tandem.console.routes import console_routes
+
     auth = auth or Auth()
-    specs = route_specs(state, kinds)
+    specs = route_specs(state, kinds) + console_routes(auth)
     document: dict[str, Any] = {}
 
     async def openapi(r: HTTPRequest) -> Response:

@@ -69,6 +69,16 @@ class Auth:
     def enabled(self) -> bool:
         return self._api is not None or self._admin is not None
 
+    def access_of(self, request: HTTPRequest) -> Access | None:
+        """The most `request`'s key allows: "admin", "user", or None (it may call public routes only)."""
+        for access in ("admin", "user"):
+            try:
+                self.check(request, access)  # type: ignore[arg-type]
+            except (Unauthorized, Forbidden):
+                continue
+            return access  # type: ignore[return-value]
+        return None
+
     def check(self, request: HTTPRequest, access: Access) -> None:
         """Return if `request` may call a route of `access`; else raise Unauthorized (401) or Forbidden (403)."""
         if access == "public" or not self.enabled:

@@ -155,5 +155,9 @@ class Kind(Protocol):
 
     def describe(self, entry: ModelEntry) -> str: ...  # one line for the start-up banner
 
+    # JSON-able facts a client needs to call the entry well (sizes, adapters, task, limits): the
+    # console's playgrounds read them from GET /tandem/v1/models. Runs in the supervisor.
+    def card(self, entry: ModelEntry) -> dict[str, Any]: ...
+
 
 Kinds = dict[str, Kind]

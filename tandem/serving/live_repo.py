@@ -1,6 +1,7 @@
 """The live model repository (Triton's model-repository extension), run by the supervisor.
 
     index            every model version of the repository folder: READY if served, else UNAVAILABLE + why
+    status           the same with each served version's kind, replicas (device, pid, memory) and card
     load m           (re)start every version of m found in the folder, then retire the old replicas of m
     unload m         retire every replica of m
     poll (option)    every `repository_poll_s`, load models whose folder changed, unload removed ones
@@ -18,13 +19,23 @@ restarting crashed processes of other models.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tandem.errors import ConfigError, ErrorKind
-from tandem.serving.messages import EntriesAck, EntriesChanged, EntrySource, RepoModel, RepoOp, RepoReply
+from tandem.serving.messages import (
+    EntriesAck,
+    EntriesChanged,
+    EntrySource,
+    ModelStatus,
+    ReplicaStatus,
+    RepoModel,
+    RepoOp,
+    RepoReply,
+)
 from tandem.serving.repository import ModelEntry, build_entry, find_model, repository_versions
 
 if TYPE_CHECKING:
@@ -42,6 +53,17 @@ class LoadFailed(Exception):
     def __init__(self, message: str, kind: ErrorKind = ErrorKind.INVALID) -> None:
         super().__init__(message)
         self.kind = kind
+
+
+def rss_bytes(pid: int | None) -> int:
+    """Resident memory of process `pid` in bytes (Linux /proc); 0 where it cannot be read."""
+    if not pid:
+        return 0
+    try:
+        with open(f"/proc/{pid}/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _fingerprint(folder: Path) -> tuple[tuple[str, int, int], ...]:
@@ -90,10 +112,13 @@ class LiveRepository:
     def _run(self, op: RepoOp) -> None:
         reply = RepoReply(op_id=op.op_id, front=op.front)
         try:
-            if op.kind != "index":
+            if op.kind in ("load", "unload"):
                 self._check_control()
                 self.load(op.name) if op.kind == "load" else self.unload(op.name)
-            reply.models = self.index()
+            if op.kind == "status":
+                reply.status = self.status()
+            else:
+                reply.models = self.index()
         except LoadFailed as e:
             reply.error, reply.error_kind = str(e), str(e.kind)
         except Exception as e:  # noqa: BLE001 - the supervisor must survive any failed operation
@@ -118,6 +143,24 @@ class LiveRepository:
                 if (name, version) not in served:
                     why = self.failures.get(name, "unloaded")
                     out.append(RepoModel(name=name, version=version, state="UNAVAILABLE", reason=why))
+        return out
+
+    def status(self) -> list[ModelStatus]:
+        """`index` plus, for each served version, its kind, card and replica processes."""
+        served = {(e.config.name, e.config.version): e for e in self.sup.entries}
+        out = []
+        for m in self.index():
+            entry = served.get((m.name, m.version))
+            if entry is None:
+                out.append(ModelStatus(name=m.name, version=m.version, kind="", state=m.state, reason=m.reason))
+                continue
+            cfg = entry.config
+            replicas = [ReplicaStatus(replica=p.index, device=p.device, pid=p.process.pid or 0, ready=p.ready,
+                                      restarts=p.restarts, rss_bytes=rss_bytes(p.process.pid))
+                        for p in self.sup.procs if p.role == "accel" and p.entry is entry]
+            out.append(ModelStatus(name=m.name, version=m.version, kind=cfg.kind, state=m.state,
+                                   instances=cfg.instances, memory_limit=cfg.memory_limit or 0,
+                                   card=self.sup.kinds[cfg.kind].card(entry), replicas=replicas))
         return out
 
     # -- load / unload ----------------------------------------------------------------------------

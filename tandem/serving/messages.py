@@ -17,11 +17,12 @@ that entry's client without knowing the kind.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
-__all__ = ["EntriesAck", "EntriesChanged", "EntrySource", "Event", "Ready", "RepoModel", "RepoOp", "RepoReply",
+__all__ = ["EntriesAck", "EntriesChanged", "EntrySource", "Event", "ModelStatus", "Ready", "ReplicaStatus", "RepoModel",
+           "RepoOp", "RepoReply",
            "Result", "Task", "TensorMeta", "control_decoder", "encoder", "events_decoder", "task_decoder"]
 
 
@@ -80,7 +81,7 @@ class RepoOp(msgspec.Struct, tag="repo_op", array_like=True):
 
     op_id: int
     front: int
-    kind: Literal["index", "load", "unload"]
+    kind: Literal["index", "load", "unload", "status"]
     name: str = ""
 
 
@@ -93,6 +94,31 @@ class RepoModel(msgspec.Struct, array_like=True, frozen=True):
     reason: str = ""
 
 
+class ReplicaStatus(msgspec.Struct, array_like=True, frozen=True):
+    """One replica process of a served model version, as the supervisor sees it."""
+
+    replica: int
+    device: str  # as the replica reported at start ("" until it has)
+    pid: int
+    ready: bool
+    restarts: int
+    rss_bytes: int  # resident memory of the process; 0 where it cannot be read
+
+
+class ModelStatus(msgspec.Struct, array_like=True, frozen=True):
+    """A model version with what a console shows: kind, replicas, memory, and the kind's own facts."""
+
+    name: str
+    version: str
+    kind: str
+    state: Literal["READY", "UNAVAILABLE"]
+    reason: str = ""
+    instances: int = 0
+    memory_limit: int = 0  # bytes; 0: none set
+    card: dict[str, Any] = msgspec.field(default_factory=dict)  # Kind.card: what a playground needs
+    replicas: list[ReplicaStatus] = msgspec.field(default_factory=list)
+
+
 class RepoReply(msgspec.Struct, tag="repo_reply", array_like=True):
     """The outcome of a RepoOp, for front `front`."""
 
@@ -101,6 +127,7 @@ class RepoReply(msgspec.Struct, tag="repo_reply", array_like=True):
     error: str = ""
     error_kind: str = ""  # an ErrorKind value when error is set
     models: list[RepoModel] = msgspec.field(default_factory=list)
+    status: list[ModelStatus] = msgspec.field(default_factory=list)  # for a "status" op
 
 
 class EntrySource(msgspec.Struct, array_like=True, frozen=True):

@@ -3,6 +3,8 @@
     POST /v2/repository/index                      [{"name", "version", "state", "reason"}]
     POST /v2/repository/models/{model}/load        (re)load every version of the model: roll-over
     POST /v2/repository/models/{model}/unload      retire every version of the model
+    GET  /tandem/v1/models                         Tandem's own: the index plus each served version's
+                                                   kind, replicas (device, pid, memory) and card
 
 The supervisor does the work (`live_repo.py`); a load answers once the new version serves.
 """
@@ -11,12 +13,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import Response
 
 from tandem.errors import Conflict, InvalidInput
 from tandem.serving.bodies import json_object, json_response, read_limited
 from tandem.serving.kinds import FrontState, RepoControl, RouteDoc, RouteSpec
+from tandem.serving.messages import ModelStatus
 from tandem.serving.openapi import json_body, obj
 
 __all__ = ["repository_routes"]
@@ -56,6 +60,24 @@ _DOCS = {
 }
 
 
+_REPLICA = obj({"replica": {"type": "integer"}, "device": {"type": "string"}, "pid": {"type": "integer"},
+                "ready": {"type": "boolean"}, "restarts": {"type": "integer"}, "rss_bytes": {"type": "integer"}})
+_STATUS = obj({"name": {"type": "string"}, "version": {"type": "string"}, "kind": {"type": "string"},
+               "state": {"enum": ["READY", "UNAVAILABLE"]}, "reason": {"type": "string"},
+               "instances": {"type": "integer"}, "memory_limit": {"type": "integer"},
+               "card": {"type": "object"}, "replicas": {"type": "array", "items": _REPLICA}})
+_DOCS["status"] = RouteDoc("Every model version with its kind, replicas, memory and card (what a console shows)",
+                           "repository", responses={200: json_body(obj({"models": {"type": "array",
+                                                                                    "items": _STATUS}}))},
+                           errors=(409, 503, 504))
+
+
+def status_json(models: list[ModelStatus]) -> dict[str, Any]:
+    """`GET /tandem/v1/models`'s body."""
+    return {"models": [{f: getattr(m, f) for f in m.__struct_fields__ if f != "replicas"}
+                       | {"replicas": [msgspec.structs.asdict(r) for r in m.replicas]} for m in models]}
+
+
 def repository_routes(state: FrontState) -> list[RouteSpec]:
     """The three repository routes; `load`/`unload` mutate (admin) and answer once done."""
 
@@ -80,6 +102,9 @@ def repository_routes(state: FrontState) -> list[RouteSpec]:
         await control().repo_op("unload", r.path_params["model"])
         return json_response({})
 
+    async def status(r: HTTPRequest) -> Response:
+        return json_response(status_json(await control().repo_op("status")))
+
     def model_of(r: HTTPRequest) -> str:
         return str(r.path_params.get("model", ""))
 
@@ -87,4 +112,5 @@ def repository_routes(state: FrontState) -> list[RouteSpec]:
             RouteSpec("/v2/repository/models/{model}/load", "POST", "repository_load", load, model_of=model_of,
                       access="admin", doc=_DOCS["load"]),
             RouteSpec("/v2/repository/models/{model}/unload", "POST", "repository_unload", unload,
-                      model_of=model_of, access="admin", doc=_DOCS["unload"])]
+                      model_of=model_of, access="admin", doc=_DOCS["unload"]),
+            RouteSpec("/tandem/v1/models", "GET", "repository_status", status, doc=_DOCS["status"])]

@@ -30,7 +30,6 @@ from tandem.serving.messages import (
     EntriesAck,
     EntriesChanged,
     Event,
-    RepoModel,
     RepoOp,
     RepoReply,
     encoder,
@@ -136,8 +135,10 @@ class Router:
         ack = EntriesAck(op_id=change.op_id, front=self.front, error=error)
         await self.control.send(encoder.encode(ack))
 
-    async def repo_op(self, kind: str, name: str = "", timeout_s: float = 900.0) -> list[RepoModel]:
-        """Ask the supervisor to index, load or unload; raises the mapped error when it failed."""
+    async def repo_op(self, kind: str, name: str = "", timeout_s: float = 900.0) -> list[Any]:
+        """Ask the supervisor to index, load, unload or report status; raises the mapped error when it failed.
+
+        Returns the `RepoModel`s of the repository (the `ModelStatus`es for "status")."""
         op = RepoOp(op_id=next_request_id(), front=self.front, kind=kind, name=name)  # type: ignore[arg-type]
         fut: asyncio.Future[RepoReply] = asyncio.get_running_loop().create_future()
         self.repo_waits[op.op_id] = fut
@@ -150,7 +151,7 @@ class Router:
             del self.repo_waits[op.op_id]
         if reply.error:
             raise error_for(reply.error_kind, reply.error)
-        return reply.models
+        return reply.status if kind == "status" else reply.models
 
     def all_ready(self) -> bool:
         return all(c.ready for c in self.clients.values())

@@ -11,7 +11,7 @@ the `Kind` interface, like any other kind.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from tandem.serving.tensor_client import TensorClient
 
 __all__ = ["TensorKind"]
+
+_CLASSES: dict[str, Any] = {}  # entry uid -> its Model class (for `card`)
 
 
 class TensorKind:
@@ -58,6 +60,28 @@ class TensorKind:
 
         return tensor_routes(state) + embedding_routes(state)
 
+    def card(self, entry: ModelEntry) -> dict[str, Any]:
+        from tandem.model import EMBEDDING_FIELD
+        from tandem.serving.repository import load_model_class
+
+        cls = _CLASSES.get(entry.uid)
+        if cls is None:  # the supervisor built the entry from this module already; exec it once more only
+            cls = _CLASSES[entry.uid] = load_model_class(entry.code, entry.config.key)
+        embedding = next((s for s in cls.request_outputs if s.name == EMBEDDING_FIELD), None)
+        b = entry.batching
+        return {"task": cls.task or ("embeddings" if embedding is not None else ""),
+                "embedding_dim": embedding.shape[0] if embedding is not None else None,
+                "inputs": [_spec(s) for s in entry.inputs], "outputs": [_spec(s) for s in entry.outputs],
+                "request_inputs": [_spec(s) for s in cls.request_inputs],
+                "request_outputs": [_spec(s) for s in cls.request_outputs],
+                "max_batch_size": b.max_batch_size, "max_batch_delay_ms": b.max_batch_delay_ms,
+                "runtime": entry.config.runtime}
+
     def describe(self, entry: ModelEntry) -> str:
         b = entry.batching
         return f"batch <= {b.max_batch_size}, delay {b.max_batch_delay_ms} ms"
+
+
+def _spec(s: Any) -> dict[str, Any]:
+    """A TensorSpec or RequestSpec as JSON: name, v2 datatype, shape per row (-1: variable)."""
+    return {"name": s.name, "datatype": s.dtype, "shape": list(s.shape)}

@@ -39,7 +39,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 ROUTES = [("POST", "/v2/models/echo/infer", INFER), ("POST", "/predictions/echo", {"x": [1, 2]}),
           ("POST", "/invocations", {"x": [1]}), ("GET", "/v2/models/echo", None), ("GET", "/v2", None),
           ("POST", "/v1/completions", COMPLETION), ("GET", "/v1/models", None),
-          ("POST", "/generate", TGI), ("GET", "/info", None), ("GET", "/metrics", None)]
+          ("POST", "/generate", TGI), ("GET", "/info", None), ("GET", "/metrics", None),
+          ("GET", "/tandem/v1/models", None)]
 
 
 @pytest.mark.parametrize("method,path,body", ROUTES)
@@ -70,6 +71,30 @@ def test_errors_come_in_each_api_shape(server: Server) -> None:
 def test_health_needs_no_key(server: Server, path: str) -> None:
     with server.client() as c:
         assert c.get(path).status_code == 200
+
+
+def test_the_console_shell_is_public_and_its_data_is_not(server: Server) -> None:
+    """The page and its scripts hold no data (no key needed); what they show comes from keyed routes."""
+    with server.client() as c:
+        page = c.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        csp = page.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "default-src 'none'" in csp and "frame-ancestors 'none'" in csp
+        assert page.headers["x-content-type-options"] == "nosniff"
+        script = c.get("/console/js/app.js")
+        assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
+        for path in ("/console/../tandem.yaml", "/console/%2e%2e/routes.py", "/console/js/../../routes.py",
+                     "/console/__init__.py", "/console/", "/console/js/nope.js"):
+            r = c.get(path)
+            assert r.status_code == 404 and "error" in r.json(), path  # only packaged assets, never a path
+        assert c.get("/tandem/v1/models").status_code == 401
+        assert c.get("/tandem/v1/session").json() == {"auth": True, "access": None}
+        assert c.get("/tandem/v1/session", headers={"Authorization": f"Bearer {WRONG}"}).json()["access"] is None
+        assert c.get("/tandem/v1/session", headers={"Authorization": f"Bearer {KEY}"}).json()["access"] == "user"
+        assert c.get("/tandem/v1/session", headers={"x-api-key": ADMIN}).json()["access"] == "admin"
+        models = c.get("/tandem/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()["models"]
+        llm = next(m for m in models if m["name"] == "tiny-llm")
+        assert llm["kind"] == "llm" and llm["card"]["adapters"] == ["increment", "reverse", "sort", "upper"]
 
 
 def test_adapter_load_needs_the_admin_key(server: Server) -> None:

@@ -108,6 +108,11 @@ def test_a1111_batch_uses_consecutive_seeds(diffusion_server: Server) -> None:
     samplers = httpx.get(diffusion_server.url + "/sdapi/v1/samplers").json()
     assert {s["name"] for s in samplers} == {"DPM++ 2M", "Euler", "Euler a", "DDIM"}
     assert [m["title"] for m in httpx.get(diffusion_server.url + "/sdapi/v1/sd-models").json()] == ["t2i"]
+    status = httpx.get(diffusion_server.url + "/tandem/v1/models").json()["models"]  # the console's source
+    card = next(m for m in status if m["name"] == "t2i")["card"]
+    assert (card["task"], card["sizes"], card["max_steps"], card["max_batch_rows"]) == (
+        "text-to-image", ["32x32", "16x16"], 400, 16)
+    assert card["samplers"] == ["dpmpp_2m", "euler", "euler_a", "ddim"]
     random_seed = json.loads(a1111(diffusion_server, prompt="x", steps=1).json()["info"])["seed"]
     assert isinstance(random_seed, int) and random_seed >= 0
 

@@ -147,6 +147,16 @@ def test_a_new_version_rolls_over_and_the_old_one_goes(live: tuple[Server, Path]
         assert c.get("/v2/models/echo").json()["versions"] == ["2"]
         assert c.post("/predictions/echo/1", json={"x": [1]}).status_code == 404
         assert c.post("/predictions/echo/2", json={"x": [1]}).json()["y"] == [2]
+        status = c.get("/tandem/v1/models").json()["models"]  # what the console's models page shows
+        echo = next(m for m in status if m["name"] == "echo")
+        assert (echo["version"], echo["kind"], echo["state"], echo["instances"]) == ("2", "model", "READY", 1)
+        assert echo["card"]["inputs"][0]["name"] == "x" and echo["card"]["task"] == ""
+        [replica] = echo["replicas"]
+        assert replica["device"] == "cpu" and replica["ready"] and replica["rss_bytes"] > 10 * 2**20
+        assert Path(f"/proc/{replica['pid']}").exists()  # the new version's live worker
+        assert c.post("/v2/repository/models/echo/unload").status_code == 200
+        gone = next(m for m in c.get("/tandem/v1/models").json()["models"] if m["name"] == "echo")
+        assert (gone["state"], gone["replicas"], gone["reason"]) == ("UNAVAILABLE", [], "unloaded")
 
 
 def test_model_control_none_refuses_changes(tmp_path: Path) -> None:

@@ -331,6 +331,7 @@ def efficientnet_lite0(num_classes: int = NUM_CLASSES) -> torch.nn.Module:
 class ImageClassifier(Model):
     """EfficientNet-Lite0 classifier: one image in, the top-k ImageNet classes with softmax scores out."""
 
+    task = "image-classification"
     inputs: ClassVar[list[TensorSpec]] = [TensorSpec("pixel_values", "FP32", (3, CROP, CROP))]
     outputs: ClassVar[list[TensorSpec]] = [TensorSpec("logits", "FP32", (NUM_CLASSES,))]
     max_batch_size = 16
