@@ -39,14 +39,17 @@ def chromium_path() -> str:
     raise RuntimeError("no chromium on PATH: run `apt-get install -y chromium` (make test does it when missing)")
 
 
-@pytest.fixture(scope="session")
+# Package scope: the server and the browser go once this folder's tests are done. Playwright's sync
+# API runs an event loop in this thread while it is open, which would break every later test that
+# calls asyncio.run.
+@pytest.fixture(scope="package")
 def console_server() -> Iterator[Server]:
     server = start_server(None, "--cpu-workers", "1", "--api-key", API_KEY, "--admin-key", ADMIN_KEY)
     yield server
     server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 

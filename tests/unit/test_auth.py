@@ -110,11 +110,15 @@ def test_public_routes_metrics_and_shapes(client: TestClient) -> None:
 
 def test_every_route_but_health_is_protected_by_default() -> None:
     """Any route a kind or the core adds (OpenAPI, repository, embeddings ...) needs the key unless public."""
+    from tandem.console.routes import console_routes
     from tandem.kinds import builtin_kinds
 
-    specs = app_module.route_specs(FrontState(), builtin_kinds())
+    specs = app_module.route_specs(FrontState(), builtin_kinds()) + console_routes(Auth(KEY))
     public = sorted(s.path for s in specs if s.access == "public")
-    assert public == ["/health", "/ping", "/v2/health/live", "/v2/health/ready"]
+    # health probes, and the console's page, assets and who-am-I (they hold no data)
+    assert public == ["/", "/console/{file:path}", "/health", "/ping", "/tandem/v1/session", "/v2/health/live",
+                      "/v2/health/ready"]
+    public_routes = {(s.path, s.method) for s in specs if s.access == "public"}
     admin = {s.path for s in specs if s.access == "admin"}
     assert {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"} <= admin
     app = build_app(FrontState(), builtin_kinds(), auth=Auth(KEY))
@@ -123,8 +127,10 @@ def test_every_route_but_health_is_protected_by_default() -> None:
             path = getattr(route, "path", "")
             methods = sorted(getattr(route, "methods", None) or {"GET"})
             url = path.replace("{model:path}", "m").replace("{model}", "m").replace("{version}", "1")
-            r = c.request("POST" if "POST" in methods else "GET", url)
-            if path in public:
+            url = url.replace("{file:path}", "js/app.js")
+            method = "POST" if "POST" in methods else "GET"
+            r = c.request(method, url)
+            if (path, method) in public_routes:
                 assert r.status_code != 401, path
             else:
                 assert r.status_code == 401, (path, r.status_code)

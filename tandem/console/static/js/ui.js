@@ -108,3 +108,14 @@ export function none(what) {
   return h("p", { class: "empty" }, `This server serves no ${what} model. `,
     h("a", { href: "#/models" }, "See the models page."));
 }
+
+// The served models `wanted(m)` picks, one per name: the READY version when there are several.
+export function servedBy(served, wanted) {
+  const byName = new Map();
+  for (const m of served || []) {
+    if (!wanted(m)) continue;
+    const seen = byName.get(m.name);
+    if (!seen || (seen.state !== "READY" && m.state === "READY")) byName.set(m.name, m);
+  }
+  return [...byName.values()];
+}

@@ -1,7 +1,7 @@
 // The chat playground (#/chat): an LLM or one of its adapters through OpenAI chat completions,
 // streamed token by token. Model output only ever enters the page as text nodes.
 import { getJSON, stream } from "../api.js";
-import { clearErrors, field, formError, h, none, number, select, showError } from "../ui.js";
+import { clearErrors, field, formError, h, none, number, select, servedBy, showError } from "../ui.js";
 
 export const title = "Chat";
 
@@ -15,13 +15,7 @@ const PROMPT_HINTS = {
 
 // The LLMs served, one per name (the READY version when there are several).
 function llmsOf(served) {
-  const byName = new Map();
-  for (const m of served || []) {
-    if (m.kind !== "llm" && m.card?.task !== "text-generation") continue;
-    const seen = byName.get(m.name);
-    if (!seen || (seen.state !== "READY" && m.state === "READY")) byName.set(m.name, m);
-  }
-  return [...byName.values()];
+  return servedBy(served, (m) => m.kind === "llm" || m.card?.task === "text-generation");
 }
 
 // Stop sequences from a textarea: one per line; \n and \t may be typed as escapes.

@@ -1,7 +1,7 @@
 // The image-classification playground (#/classify): an uploaded or dropped image's bytes POSTed to
 // /predictions/{model} as they are (with the file's content type); the top classes shown as bars.
 import { call } from "../api.js";
-import { clearErrors, field, formError, h, none, select, showError } from "../ui.js";
+import { clearErrors, field, formError, h, none, select, servedBy, showError } from "../ui.js";
 
 export const title = "Classify";
 
@@ -9,13 +9,7 @@ const TOP = 5;
 
 // The image classifiers served, one per name (the READY version when there are several).
 function classifiers(served) {
-  const byName = new Map();
-  for (const m of served || []) {
-    if (m.card?.task !== "image-classification") continue;
-    const seen = byName.get(m.name);
-    if (!seen || (seen.state !== "READY" && m.state === "READY")) byName.set(m.name, m);
-  }
-  return [...byName.values()];
+  return servedBy(served, (m) => m.card?.task === "image-classification");
 }
 
 function percent(score) {

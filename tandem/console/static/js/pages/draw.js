@@ -1,7 +1,7 @@
 // The drawing studio (#/draw): text-to-image through the OpenAI Images API, streamed with progress
 // events and previews, plus this tab's history (memory + sessionStorage) with "again with this seed".
 import { stream } from "../api.js";
-import { clearErrors, field, formError, h, none, number, select, showError } from "../ui.js";
+import { clearErrors, field, formError, h, none, number, select, servedBy, showError } from "../ui.js";
 
 export const title = "Draw";
 
@@ -32,13 +32,7 @@ function saveHistory(runs) {
 
 // The text-to-image models, one per name (the READY version's card when there are several).
 function drawModels(served) {
-  const byName = new Map();
-  for (const m of served || []) {
-    if (!(m.kind === "diffusion" || m.card?.task === "text-to-image") || !m.card) continue;
-    const seen = byName.get(m.name);
-    if (!seen || (seen.state !== "READY" && m.state === "READY")) byName.set(m.name, m);
-  }
-  return [...byName.values()];
+  return servedBy(served, (m) => (m.kind === "diffusion" || m.card?.task === "text-to-image") && !!m.card);
 }
 
 function intOr(value, fallback) {

@@ -1,7 +1,7 @@
 // The embeddings playground (#/embed): a few texts through OpenAI /v1/embeddings, shown as their
 // cosine-similarity matrix. Texts (the user's) enter the page as text nodes only.
 import { postJSON } from "../api.js";
-import { clearErrors, field, formError, h, none, select, showError } from "../ui.js";
+import { clearErrors, field, formError, h, none, select, servedBy, showError } from "../ui.js";
 
 export const title = "Embeddings";
 
@@ -14,13 +14,7 @@ const EXAMPLES = [
 
 // The embedding models served, one per name (the READY version when there are several).
 function embeddingModels(served) {
-  const byName = new Map();
-  for (const m of served || []) {
-    if (m.card?.task !== "embeddings") continue;
-    const seen = byName.get(m.name);
-    if (!seen || (seen.state !== "READY" && m.state === "READY")) byName.set(m.name, m);
-  }
-  return [...byName.values()];
+  return servedBy(served, (m) => m.card?.task === "embeddings");
 }
 
 // Cosine similarities of the rows of `vectors` (n x n).
