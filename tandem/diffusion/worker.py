@@ -93,6 +93,12 @@ class _Decoder(threading.Thread):
         self.jobs: queue.Queue[Finished | None] = queue.Queue()  # bounded by the engine's active rows
 
     def run(self) -> None:
+        import torch
+
+        # One intra-op thread here. A second thread with its own OpenMP team, even an idle one, made
+        # every UNet call of the loop 2.5x slower on 2 CPUs (libgomp stops spinning at barriers once
+        # it manages more threads than CPUs); the decode overlaps the denoising of other requests.
+        torch.set_num_threads(1)
         sockets: dict[int, zmq.Socket[Any]] = {}
         m, name = diffusion_metrics(), self.loop.entry.config.name
         while (f := self.jobs.get()) is not None:
