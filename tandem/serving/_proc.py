@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 
-__all__ = ["die_with_parent"]
+__all__ = ["die_with_parent", "rss_bytes"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -25,3 +25,14 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGTERM) -> None:
             pass
     if os.getppid() != parent_pid:
         raise SystemExit(0)
+
+
+def rss_bytes(pid: int | str = "self") -> int:
+    """Resident memory of process `pid` (default: this one) in bytes, from /proc; 0 where it cannot be read."""
+    if not pid:
+        return 0
+    try:
+        with open(f"/proc/{pid}/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

@@ -19,13 +19,13 @@ restarting crashed processes of other models.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tandem.errors import ConfigError, ErrorKind
+from tandem.serving._proc import rss_bytes
 from tandem.serving.messages import (
     EntriesAck,
     EntriesChanged,
@@ -53,17 +53,6 @@ class LoadFailed(Exception):
     def __init__(self, message: str, kind: ErrorKind = ErrorKind.INVALID) -> None:
         super().__init__(message)
         self.kind = kind
-
-
-def rss_bytes(pid: int | None) -> int:
-    """Resident memory of process `pid` in bytes (Linux /proc); 0 where it cannot be read."""
-    if not pid:
-        return 0
-    try:
-        with open(f"/proc/{pid}/statm", encoding="ascii") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def _fingerprint(folder: Path) -> tuple[tuple[str, int, int], ...]:
@@ -156,7 +145,7 @@ class LiveRepository:
                 continue
             cfg = entry.config
             replicas = [ReplicaStatus(replica=p.index, device=p.device, pid=p.process.pid or 0, ready=p.ready,
-                                      restarts=p.restarts, rss_bytes=rss_bytes(p.process.pid))
+                                      restarts=p.restarts, rss_bytes=rss_bytes(p.process.pid or 0))
                         for p in self.sup.procs if p.role == "accel" and p.entry is entry]
             out.append(ModelStatus(name=m.name, version=m.version, kind=cfg.kind, state=m.state,
                                    instances=cfg.instances, memory_limit=cfg.memory_limit or 0,

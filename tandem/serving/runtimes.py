@@ -13,7 +13,6 @@ not match model.py's TensorSpecs, raises `ConfigError` naming the file, the tens
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -22,6 +21,7 @@ import numpy as np
 
 from tandem.errors import ConfigError
 from tandem.model import TensorSpec
+from tandem.serving._proc import rss_bytes
 from tandem.serving.repository import ModelEntry, instantiate
 
 if TYPE_CHECKING:
@@ -49,12 +49,6 @@ class Runtime(Protocol):
     def memory_used(self) -> tuple[int, str] | None:
         """(bytes, what was measured) for the memory_limit check, or None when the runtime bounds it itself."""
         ...
-
-
-def rss_bytes() -> int:
-    """Resident set size of this process."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def warm_up_batches(entry: ModelEntry) -> list[Batch]:

@@ -10,6 +10,7 @@ the `Kind` interface, like any other kind.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 
 __all__ = ["TensorKind"]
 
-_CLASSES: dict[str, Any] = {}  # entry uid -> its Model class (for `card`)
 
 
 class TensorKind:
@@ -62,11 +62,8 @@ class TensorKind:
 
     def card(self, entry: ModelEntry) -> dict[str, Any]:
         from tandem.model import EMBEDDING_FIELD
-        from tandem.serving.repository import load_model_class
 
-        cls = _CLASSES.get(entry.uid)
-        if cls is None:  # the supervisor built the entry from this module already; exec it once more only
-            cls = _CLASSES[entry.uid] = load_model_class(entry.code, entry.config.key)
+        cls = _model_class(entry.code, entry.config.key, entry.uid)
         embedding = next((s for s in cls.request_outputs if s.name == EMBEDDING_FIELD), None)
         b = entry.batching
         return {"task": cls.task or ("embeddings" if embedding is not None else ""),
@@ -85,3 +82,11 @@ class TensorKind:
 def _spec(s: Any) -> dict[str, Any]:
     """A TensorSpec or RequestSpec as JSON: name, v2 datatype, shape per row (-1: variable)."""
     return {"name": s.name, "datatype": s.dtype, "shape": list(s.shape)}
+
+
+@lru_cache(maxsize=64)  # bounded: every roll-over makes a new uid
+def _model_class(code: Path, key: str, uid: str) -> Any:
+    """An entry's Model class for `card`; `uid` keys it, so a reloaded version is read afresh."""
+    from tandem.serving.repository import load_model_class
+
+    return load_model_class(code, key)
