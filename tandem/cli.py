@@ -24,6 +24,7 @@ from tandem.envs import (
 )
 from tandem.errors import ConfigError
 from tandem.optimize.command import register as register_optimize
+from tandem.train.resize import register as register_data
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Tandem: serve and accelerate AI models on whatever compute this machine has.")
@@ -144,6 +145,7 @@ def serve(
 
 register_bench(app)
 register_optimize(app)
+register_data(app)
 
 
 def main() -> None:
