@@ -24,6 +24,7 @@ from tandem.envs import (
 )
 from tandem.errors import ConfigError
 from tandem.optimize.command import register as register_optimize
+from tandem.train.command import register as register_train
 from tandem.train.resize import register as register_data
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -146,6 +147,7 @@ def serve(
 register_bench(app)
 register_optimize(app)
 register_data(app)
+register_train(app)
 
 
 def main() -> None:

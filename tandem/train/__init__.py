@@ -17,7 +17,8 @@ _EXPORTS = {
     "Trainer": "tandem.train.trainer", "cache_dataset_folder": "tandem.train.cache",
     "Diagnosis": "tandem.train.diagnose", "diagnose": "tandem.train.diagnose",
     "CommOptions": "tandem.train.distributed", "DistEnv": "tandem.train.distributed",
-    "RecompileError": "tandem.train.compile",
+    "RecompileError": "tandem.train.compile", "compile_module": "tandem.train.compile",
+    "compile_stats": "tandem.train.compile",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -8,7 +8,6 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager as ContextManager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -19,32 +18,12 @@ from torch import nn
 from tandem.errors import ConfigError
 from tandem.train import checkpoint as ckpt
 from tandem.train.amp import Scaler, autocast, check_precision, make_scaler, to_float32
+from tandem.train.distributed import DistEnv, init_distributed
 from tandem.train.logs import RunLog
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Trainer"]
-
-
-@dataclass(frozen=True)
-class _LocalEnv:
-    """One process, no process group: used only while tandem.train.distributed is unavailable."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    local_world_size: int = 1
-    device: torch.device = torch.device("cpu")
-    backend: str | None = None
-
-
-def _init_distributed(strategy: str, devices: Any) -> Any:
-    try:
-        from tandem.train.distributed import init_distributed
-    except ImportError:   # the distributed module is optional for single-process runs
-        cuda = torch.cuda.is_available() and devices not in ("cpu",)
-        return _LocalEnv(device=torch.device("cuda" if cuda else "cpu"))
-    return init_distributed(strategy, devices)
 
 
 class _TrainModule(nn.Module):
@@ -165,7 +144,7 @@ class Trainer:
             raise ConfigError(f"save_every={save_every!r} must be >= 1 (or None)")
         if (save_every or resume) and run_dir is None:
             raise ConfigError("save_every/resume need a run_dir to keep checkpoints in: pass run_dir='runs/NAME'")
-        self._env = _init_distributed(strategy, devices)
+        self._env: DistEnv = init_distributed(strategy, devices)
         check_precision(precision, self.device)
         self.precision = precision
         self.seed = seed
