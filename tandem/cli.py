@@ -24,6 +24,7 @@ from tandem.envs import (
 )
 from tandem.errors import ConfigError
 from tandem.optimize.command import register as register_optimize
+from tandem.pipeline.command import register as register_pipeline
 from tandem.train.command import register as register_train
 from tandem.train.resize import register as register_data
 
@@ -148,6 +149,7 @@ register_bench(app)
 register_optimize(app)
 register_data(app)
 register_train(app)
+register_pipeline(app)
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ import os
 
 __all__ = ["TANDEM_HOST", "TANDEM_PORT", "TANDEM_CPU_WORKERS", "TANDEM_SHM_DIR", "TANDEM_LOG_LEVEL",
            "TANDEM_DRAIN_TIMEOUT_S", "TANDEM_API_KEY", "TANDEM_ADMIN_KEY", "LORA_ADAPTERS", "env_str",
-           "TANDEM_CACHE_DIR", "cache_dir", "shm_dir"]
+           "TANDEM_CACHE_DIR", "cache_dir", "shm_dir", "TANDEM_PIPELINE_HOME", "TANDEM_PIPELINE_KEY"]
 
 
 def env_str(name: str, default: str | None = None) -> str | None:
@@ -31,6 +31,11 @@ TANDEM_ADMIN_KEY = "TANDEM_ADMIN_KEY"
 # Where derived artefacts are kept between runs (a diffusion UNet exported for onnxruntime/openvino);
 # default ~/.cache/tandem.
 TANDEM_CACHE_DIR = "TANDEM_CACHE_DIR"
+
+# Where `tandem pipeline` keeps run history (history.sqlite), logs and artifacts; default ./.tandem/pipelines.
+TANDEM_PIPELINE_HOME = "TANDEM_PIPELINE_HOME"
+# Key the pipeline scheduler's HTTP trigger needs (Authorization: Bearer KEY).
+TANDEM_PIPELINE_KEY = "TANDEM_PIPELINE_KEY"
 
 # Adapters of `tandem serve --llm` loaded at start, "name=path,name=path" (same name as TGI's variable).
 LORA_ADAPTERS = "LORA_ADAPTERS"

@@ -98,7 +98,9 @@ def resize_folder(src: str | Path, dst: str | Path, max_side: int, *, workers: i
     if n == 1:
         outcomes = [_resize_one(j) for j in jobs]
     else:
-        with multiprocessing.get_context().Pool(n) as pool:
+        # spawn, not fork: the caller may be a process with torch's OpenMP, gloo or onnxruntime threads running,
+        # and a forked copy of those can crash (it did in the test suite after in-process DDP/ORT tests)
+        with multiprocessing.get_context("spawn").Pool(n) as pool:
             outcomes = list(pool.imap_unordered(_resize_one, jobs, chunksize=max(1, len(jobs) // (8 * n))))
     result = ResizeResult(failed=[])
     names = {"resized": "resized", "small": "copied_small", "other": "copied_other", "kept": "kept"}

@@ -1,0 +1,273 @@
+"""`tandem pipeline run | list | status | logs | retry | export | schedule`.
+
+The history lives in ``--home`` (``TANDEM_PIPELINE_HOME``, default ``./.tandem/pipelines``): ``history.sqlite``,
+``runs/RUN/STEP.log`` and ``artifacts/KEY/``. Importing this module costs no torch: the CLI stays quick.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+__all__ = ["register"]
+
+pipeline_app = typer.Typer(help="Pipelines: run a DAG of steps here, see its history, export it to Argo.",
+                           no_args_is_help=True)
+
+HomeOpt = Annotated[Path | None, typer.Option(help="History folder (default $TANDEM_PIPELINE_HOME or "
+                                                   "./.tandem/pipelines)")]
+
+
+def _home(home: Path | None) -> Path:
+    from tandem.pipeline.runner import default_home
+
+    return (home or default_home()).resolve()
+
+
+def _params(pairs: list[str] | None) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--param {pair!r}: write NAME=VALUE")
+        out[key] = value
+    return out
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def _load(file: Path):  # type: ignore[no-untyped-def]
+    from tandem.pipeline.spec import PipelineError, load_pipeline
+
+    try:
+        return load_pipeline(file)
+    except PipelineError as exc:
+        raise _fail(f"{file}: {exc}") from None
+
+
+def _report(result) -> int:  # type: ignore[no-untyped-def]
+    failed = result.failed()
+    for r in failed:
+        typer.secho(f"step {r.name!r} failed ({r.failure}): {r.message}", fg=typer.colors.RED, err=True)
+    counts: dict[str, int] = {}
+    for r in result.steps.values():
+        counts[r.status] = counts.get(r.status, 0) + 1
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    typer.echo(f"run {result.run_id} {result.status} in {result.seconds:.1f} s ({summary})")
+    return 1 if failed else 0
+
+
+def run(
+    file: Annotated[Path, typer.Argument(help="Pipeline file (.yaml or .py defining `pipeline`)")],
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="NAME=VALUE (repeatable)")] = None,
+    home: HomeOpt = None,
+    run_id: Annotated[str | None, typer.Option(help="Run id (default NAME-UTCSTAMP-xxxx)")] = None,
+    trigger: Annotated[str, typer.Option(help="What started the run (recorded)")] = "manual",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run as JSON at the end")] = False,
+) -> None:
+    """Run FILE's DAG on this machine: independent steps in parallel, cached steps skipped, history kept."""
+    from tandem.pipeline.runner import results_json, run_pipeline
+    from tandem.pipeline.spec import PipelineError
+
+    pipe = _load(file)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        result = run_pipeline(pipe, _params(param), _home(home), run_id=run_id, trigger=trigger,
+                              file=str(file.resolve()), progress=lambda line: typer.echo(line))
+    except PipelineError as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted; `tandem pipeline retry RUN` runs what did not finish", 130) from None
+    if as_json:
+        typer.echo(results_json(result))
+    raise typer.Exit(_report(result))
+
+
+def retry(
+    run_id: Annotated[str, typer.Argument(help="The run (an id or a unique prefix)")],
+    home: HomeOpt = None,
+) -> None:
+    """Run again what failed or was interrupted in RUN_ID; its succeeded steps are reused, not repeated."""
+    from tandem.pipeline.runner import retry_run
+    from tandem.pipeline.spec import PipelineError
+
+    try:
+        result = retry_run(run_id, _home(home), progress=lambda line: typer.echo(line))
+    except PipelineError as exc:
+        raise _fail(str(exc)) from None
+    raise typer.Exit(_report(result))
+
+
+def _when(t: float | None) -> str:
+    return datetime.fromtimestamp(t, UTC).astimezone().strftime("%Y-%m-%d %H:%M:%S") if t else "-"
+
+
+def list_runs(
+    pipeline: Annotated[str | None, typer.Option(help="Only runs of this pipeline")] = None,
+    limit: Annotated[int, typer.Option(help="How many runs")] = 20,
+    home: HomeOpt = None,
+) -> None:
+    """The latest runs, newest first."""
+    from tandem.pipeline.store import Store
+
+    store = Store(_home(home))
+    store.mark_orphans()
+    rows = store.runs(pipeline, limit)
+    typer.echo(f"{'RUN':<40} {'STATUS':<12} {'STARTED':<20} {'SECONDS':>8}  TRIGGER")
+    for r in rows:
+        secs = f"{r.ended - r.started:.1f}" if r.ended else "-"
+        typer.echo(f"{r.id:<40} {r.status:<12} {_when(r.started):<20} {secs:>8}  {r.trigger}")
+    store.close()
+
+
+def status(
+    run_id: Annotated[str, typer.Argument(help="The run (an id or a unique prefix)")],
+    home: HomeOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table")] = False,
+) -> None:
+    """A run's steps: status, attempts, timings, failure, outputs."""
+    from tandem.pipeline.store import Store
+
+    store = Store(_home(home))
+    store.mark_orphans()
+    run_row = store.run(run_id)
+    if run_row is None:
+        raise _fail(f"no run {run_id!r} (or the prefix is not unique); see `tandem pipeline list`")
+    steps = store.steps(run_row.id)
+    if as_json:
+        out = {"run": run_row.__dict__, "steps": [s.__dict__ for s in steps],
+               "artifacts": [dict(a) for a in store.artifacts(run_row.id)]}
+        typer.echo(json.dumps(out, indent=2, default=str))
+        raise typer.Exit(0)
+    typer.echo(f"run {run_row.id}: {run_row.status} (pipeline {run_row.pipeline}, trigger {run_row.trigger}, "
+               f"params {json.dumps(run_row.params)})")
+    typer.echo(f"  {'STEP':<20} {'STATUS':<12} {'ATTEMPTS':>8} {'SECONDS':>8}  NOTE")
+    for s in steps:
+        secs = f"{s.ended - s.started:.1f}" if s.started and s.ended else "-"
+        note = (s.failure + ": " if s.failure else "") + (s.message.splitlines()[0] if s.message else "")
+        typer.echo(f"  {s.name:<20} {s.status:<12} {s.attempts:>8} {secs:>8}  {note}")
+    store.close()
+
+
+def logs(
+    run_id: Annotated[str, typer.Argument(help="The run (an id or a unique prefix)")],
+    step: Annotated[str | None, typer.Argument(help="One step (default: all, in order)")] = None,
+    home: HomeOpt = None,
+) -> None:
+    """Print the logs of a run's steps."""
+    from tandem.pipeline.store import Store
+
+    store = Store(_home(home))
+    run_row = store.run(run_id)
+    if run_row is None:
+        raise _fail(f"no run {run_id!r}; see `tandem pipeline list`")
+    rows = [s for s in store.steps(run_row.id) if step is None or s.name == step]
+    if step is not None and not rows:
+        raise _fail(f"run {run_row.id} has no step {step!r}")
+    for s in rows:
+        typer.echo(f"===== {s.name} ({s.status}) =====")
+        if s.log and Path(s.log).exists():
+            typer.echo(Path(s.log).read_text(errors="replace"), nl=False)
+        else:
+            typer.echo(f"(no log: {s.message or s.status})")
+    store.close()
+
+
+def export(
+    file: Annotated[Path, typer.Argument(help="Pipeline file (.yaml or .py)")],
+    to: Annotated[Literal["argo"], typer.Option(help="Target (argo)")] = "argo",
+    kind: Annotated[Literal["workflow", "cron", "template"], typer.Option(help="Workflow, CronWorkflow or "
+                                                                               "WorkflowTemplate")] = "workflow",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write here (default stdout)")] = None,
+    namespace: Annotated[str | None, typer.Option(help="metadata.namespace")] = None,
+    artifact_repository: Annotated[str | None, typer.Option(help="artifactRepositoryRef (configmap[/key]); "
+                                                                 "default: the cluster's default repository")] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="NAME=VALUE default (repeatable)")] = None,
+    submit: Annotated[bool, typer.Option(help="Also submit it to the Argo server (ARGO_SERVER, ARGO_TOKEN)")] = False,
+) -> None:
+    """Write FILE as an Argo Workflows manifest (validated against Hera's Argo models), or submit it."""
+    from tandem.pipeline import argo
+    from tandem.pipeline.lint import ManifestError, validate_manifest
+    from tandem.pipeline.spec import PipelineError
+
+    pipe = _load(file)
+    try:
+        manifest = argo.export(pipe, kind, namespace=namespace, params=_params(param),
+                               artifact_repository=artifact_repository)
+        validate_manifest(manifest)
+    except (PipelineError, ManifestError) as exc:
+        raise _fail(str(exc)) from None
+    text = argo.to_yaml(manifest)
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        typer.echo(f"wrote {manifest['kind']} {out}", err=True)
+    if submit:
+        host, token = os.environ.get("ARGO_SERVER"), os.environ.get("ARGO_TOKEN")
+        if not host:
+            raise _fail("--submit needs ARGO_SERVER (https://argo.example:2746) and usually ARGO_TOKEN")
+        name = argo.submit(manifest, host, token, namespace or os.environ.get("ARGO_NAMESPACE", "argo"))
+        typer.echo(f"submitted {manifest['kind']} {name}", err=True)
+
+
+def schedule(
+    files: Annotated[list[Path], typer.Argument(help="Pipeline files whose schedules and triggers to serve")],
+    home: HomeOpt = None,
+    http_port: Annotated[int | None, typer.Option(help="Serve the HTTP trigger on this port")] = None,
+    host: Annotated[str, typer.Option(help="HTTP trigger address")] = "127.0.0.1",
+    key_file: Annotated[Path | None, typer.Option(help="File holding the HTTP trigger's key "
+                                                       "(default $TANDEM_PIPELINE_KEY)")] = None,
+    poll_s: Annotated[float, typer.Option(help="Watched folders are checked this often")] = 2.0,
+) -> None:
+    """Run the scheduler: cron schedules (with time zones), watched folders and the HTTP trigger."""
+    from tandem.envs import TANDEM_PIPELINE_KEY, env_str
+    from tandem.pipeline.scheduler import Scheduler
+    from tandem.pipeline.spec import PipelineError
+
+    key = key_file.read_text().strip() if key_file else env_str(TANDEM_PIPELINE_KEY)
+    try:
+        sched = Scheduler(files, _home(home), poll_s=poll_s)
+        if http_port is not None:
+            if not key:
+                raise _fail("the HTTP trigger needs a key: set TANDEM_PIPELINE_KEY or pass --key-file")
+            sched.serve_http(host, http_port, key)
+            typer.echo(f"HTTP trigger on http://{host}:{http_port}/pipelines/NAME/runs")
+    except (PipelineError, ValueError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    typer.echo(f"scheduling {len(files)} pipeline file(s); Ctrl-C stops", err=True)
+    sched.run_forever(stop)
+    time.sleep(0)
+
+
+pipeline_app.command("run")(run)
+pipeline_app.command("retry")(retry)
+pipeline_app.command("list")(list_runs)
+pipeline_app.command("status")(status)
+pipeline_app.command("logs")(logs)
+pipeline_app.command("export")(export)
+pipeline_app.command("schedule")(schedule)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `tandem pipeline ...` to the main CLI."""
+    app.add_typer(pipeline_app, name="pipeline")
+
+
+if __name__ == "__main__":
+    sys.exit(pipeline_app())
