@@ -11,7 +11,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
@@ -231,6 +230,10 @@ def schedule(
     key_file: Annotated[Path | None, typer.Option(help="File holding the HTTP trigger's key "
                                                        "(default $TANDEM_PIPELINE_KEY)")] = None,
     poll_s: Annotated[float, typer.Option(help="Watched folders are checked this often")] = 2.0,
+    catch_up_s: Annotated[float, typer.Option(help="After downtime, still start a fire missed by at most this "
+                                                   "many seconds (older ones are logged, not replayed)")] = 0.0,
+    concurrency: Annotated[Literal["forbid", "allow"], typer.Option(
+        help="forbid: a fire while the pipeline's previous run goes on is skipped (Argo's Forbid)")] = "forbid",
 ) -> None:
     """Run the scheduler: cron schedules (with time zones), watched folders and the HTTP trigger."""
     from tandem.envs import TANDEM_PIPELINE_KEY, env_str
@@ -238,21 +241,30 @@ def schedule(
     from tandem.pipeline.spec import PipelineError
 
     key = key_file.read_text().strip() if key_file else env_str(TANDEM_PIPELINE_KEY)
+    if http_port is not None and not key:
+        raise _fail("the HTTP trigger needs a key: set TANDEM_PIPELINE_KEY or pass --key-file")
     try:
-        sched = Scheduler(files, _home(home), poll_s=poll_s)
-        if http_port is not None:
-            if not key:
-                raise _fail("the HTTP trigger needs a key: set TANDEM_PIPELINE_KEY or pass --key-file")
-            sched.serve_http(host, http_port, key)
-            typer.echo(f"HTTP trigger on http://{host}:{http_port}/pipelines/NAME/runs")
-    except (PipelineError, ValueError, OSError) as exc:
+        sched = Scheduler(files, _home(home), poll_s=poll_s, catch_up_s=catch_up_s, concurrency=concurrency)
+    except (PipelineError, RuntimeError, ValueError, OSError) as exc:
         raise _fail(str(exc)) from None
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    typer.echo(f"scheduling {len(files)} pipeline file(s); Ctrl-C stops", err=True)
-    sched.run_forever(stop)
-    time.sleep(0)
+    with sched:
+        if http_port is not None:
+            try:
+                port = sched.serve_http(host, http_port, key)
+            except (ValueError, OSError) as exc:
+                raise _fail(str(exc)) from None
+            typer.echo(f"HTTP trigger on http://{host}:{port}/pipelines/NAME/runs", err=True)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        for entry in sched.describe():
+            for sch in entry["schedules"]:
+                typer.echo(f"  {entry['name']}: cron {sch['cron']!r} ({sch['timezone']}), next {sch['next_fire']}",
+                           err=True)
+            for w in entry["watch"]:
+                typer.echo(f"  {entry['name']}: watching {w['folder']} for {w['pattern']}", err=True)
+        typer.echo(f"scheduling {len(files)} pipeline file(s); Ctrl-C stops", err=True)
+        sched.run_forever(stop)
 
 
 pipeline_app.command("run")(run)

@@ -98,6 +98,7 @@ class Store:
         self._lock = threading.Lock()
         with self._tx() as db:
             db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")   # WAL: safe against a killed runner, no fsync per step
             db.executescript(_SCHEMA)
 
     def close(self) -> None:

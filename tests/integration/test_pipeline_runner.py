@@ -77,10 +77,17 @@ def test_independent_steps_run_in_parallel(tmp_path: Path) -> None:
     steps = [{"name": f"s{i}", "command": ["sh", "-c", "sleep 0.6"], "resources": {"cpu": 0.5}, "cache": False}
              for i in range(2)]
     big = {"name": "big", "command": ["sh", "-c", "sleep 0.3"], "resources": {"cpu": 64}, "cache": False}
-    res = run_pipeline(from_dict({"name": "par", "steps": [*steps, big]}), None, tmp_path)
+    fat = {"name": "fat", "command": ["sh", "-c", "sleep 0.3"], "resources": {"cpu": 0.1, "memory": "64Ti"},
+           "cache": False, "after": ["big"]}
+    thin = {"name": "thin", "command": ["sh", "-c", "sleep 0.3"], "resources": {"cpu": 0.1, "memory": "1Gi"},
+            "cache": False,
+            "after": ["big"]}
+    res = run_pipeline(from_dict({"name": "par", "steps": [*steps, big, fat, thin]}), None, tmp_path)
     a, b, c = res.steps["s0"], res.steps["s1"], res.steps["big"]
     assert a.started_at < b.ended_at and b.started_at < a.ended_at   # overlapped
     assert c.started_at >= max(a.ended_at, b.ended_at)   # more CPUs than the machine has: it runs alone
+    f, t = res.steps["fat"], res.steps["thin"]   # more memory than the machine has: alone too
+    assert f.started_at >= t.ended_at or t.started_at >= f.ended_at
 
 
 def test_code_failure_shows_log_tail_stops_dependents_and_not_the_rest(tmp_path: Path) -> None:
@@ -129,12 +136,14 @@ def test_timeout_kills_the_process_group_and_missing_outputs_fail(tmp_path: Path
     pidfile = tmp_path / "child.pid"
     raw = {"name": "t", "steps": [
         {"name": "slow", "command": ["sh", "-c", f"sleep 30 & echo $! > {pidfile}; wait"], "timeout_s": 0.5},
-        {"name": "lazy", "command": ["true"], "outputs": {"artifacts": ["model"], "params": ["acc"]}}]}
+        {"name": "lazy", "command": ["true"], "outputs": {"artifacts": ["model"], "params": ["acc"]}},
+        {"name": "typo", "command": ["pyhton3", "-V"]}]}
     res = run_pipeline(from_dict(raw), None, tmp_path / "h")
     slow, lazy = res.steps["slow"], res.steps["lazy"]
     assert slow.status == "failed" and slow.failure == "timeout" and "timeout of 0.5 s" in slow.message
     assert not _alive(int(pidfile.read_text()))   # the grandchild went with its group
     assert lazy.failure == "code" and "did not write outputs.model, results.acc" in lazy.message
+    assert "cannot start 'pyhton3': no such program" in res.steps["typo"].message
 
 
 def _alive(pid: int) -> bool:
@@ -247,3 +256,43 @@ def test_history_cli_list_status_logs(tmp_path: Path) -> None:
     bad = subprocess.run([*TANDEM, "run", str(f), "--home", home, "-p", "min=many"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "parameter 'min' must be int, got 'many'" in bad.stderr
+
+
+def test_scheduler_cli_http_trigger_starts_a_real_run(tmp_path: Path) -> None:
+    import re
+    import urllib.request
+
+    f = _pipe(tmp_path, {"name": "hooked", "params": {"word": {"type": "str", "default": "x"}},
+                         "steps": [{"name": "say", "command": ["sh", "-c", "echo {params.word} > {outputs.o}"],
+                                    "outputs": {"artifacts": ["o"]}}]})
+    home = tmp_path / "h"
+    sched = subprocess.Popen([*TANDEM, "schedule", str(f), "--home", str(home), "--http-port", "0"],
+                             env={**os.environ, "TANDEM_PIPELINE_KEY": "s3cret"}, stderr=subprocess.PIPE, text=True)
+    try:
+        assert sched.stderr is not None
+        line = sched.stderr.readline()
+        port = int(re.search(r"127\.0\.0\.1:(\d+)", line).group(1))  # type: ignore[union-attr]
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/pipelines/hooked/runs", method="POST",
+                                     data=b'{"params": {"word": "hooked!"}}',
+                                     headers={"Authorization": "Bearer s3cret", "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert resp.status == 202
+            run_id = json.loads(resp.read())["run_id"]
+        deadline = time.monotonic() + 60
+        row = None
+        while time.monotonic() < deadline:
+            store = Store(home)
+            row = store.run(run_id)
+            store.close()
+            if row is not None and row.status != "running":
+                break
+            time.sleep(0.2)
+        assert row is not None and row.status == "succeeded" and row.trigger == "http"
+        assert row.params == {"word": "hooked!"}
+    finally:
+        sched.terminate()
+        sched.wait(timeout=10)
+    bad = subprocess.run([*TANDEM, "schedule", str(f), "--home", str(home), "--http-port", "0"],
+                         env={k: v for k, v in os.environ.items() if k != "TANDEM_PIPELINE_KEY"},
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "needs a key" in bad.stderr
