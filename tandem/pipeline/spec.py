@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = ["Condition", "Outputs", "Param", "Pipeline", "PipelineError", "Resources", "Retry", "Schedule",
            "Step", "Toleration", "WatchTrigger", "load_pipeline", "parse_condition", "placeholders"]
@@ -105,6 +105,14 @@ class Retry(_Strict):
     factor: float = Field(default=2.0, ge=1)
     max_backoff_s: float = Field(default=300.0, ge=0)
     on: list[Literal["infra", "code", "timeout"]] = ["infra"]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on(cls, data: Any) -> Any:
+        # YAML 1.1 (PyYAML) reads the key `on` as the boolean True; take it back
+        if isinstance(data, dict) and True in data and "on" not in data:
+            data = {("on" if k is True else k): v for k, v in data.items()}
+        return data
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before retry number `attempt` (1-based)."""

@@ -8,12 +8,16 @@ Multi-node: run the same command on each node with --nnodes, --node-rank and eit
 
 from __future__ import annotations
 
+import functools
 import os
+import signal
 import subprocess
 import sys
 from typing import Annotated
 
 import typer
+
+from tandem.serving._proc import die_with_parent
 
 __all__ = ["build_command", "launch", "register"]
 
@@ -50,7 +54,15 @@ def launch(script: str, args: list[str] | None = None, *, nproc: int = 1, thread
     cmd = build_command(script, list(args or []), nproc=nproc, **rendezvous)  # type: ignore[arg-type]
     print(f"tandem train: {nproc} process(es) per node, OMP_NUM_THREADS={threads} ({cpus} CPUs // {nproc}); "
           f"{' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-    return subprocess.call(cmd, env=env)
+    # torchrun must not outlive us: SIGTERM/SIGINT are passed on (it then stops its ranks), and the kernel
+    # sends it SIGTERM if we die without a word (kill -9 of a pipeline runner's step, for one)
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=functools.partial(die_with_parent, os.getpid()))  # noqa: PLW1509
+    forward = {s: signal.signal(s, lambda sig, _frame: proc.send_signal(sig)) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in forward.items():
+            signal.signal(s, handler)
 
 
 def train(

@@ -42,3 +42,34 @@ def test_a_failing_rank_stops_the_job_with_its_error() -> None:
     assert result.returncode != 0
     assert "rank one exploded on purpose" in result.stdout + result.stderr
     assert time.monotonic() - start < 60
+
+
+def test_sigterm_and_kill_9_of_tandem_train_stop_torchrun_and_its_ranks(tmp_path: Path) -> None:
+    import signal
+
+    script = tmp_path / "sleeper.py"
+    script.write_text("import os, sys, time\nopen(sys.argv[1] + f'.{os.getpid()}', 'w').close()\ntime.sleep(120)\n")
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        marker = tmp_path / sig.name
+        proc = subprocess.Popen([sys.executable, "-m", "tandem.train.command", "train", "--nproc", "1",
+                                 str(script), str(marker)], stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 90
+        while not list(tmp_path.glob(f"{sig.name}.*")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        ranks = [int(p.suffix[1:]) for p in tmp_path.glob(f"{sig.name}.*")]
+        assert ranks, "the rank never started"
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in ranks), f"a rank outlived `tandem train` after {sig.name}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"

@@ -108,3 +108,14 @@ def test_load_reports_files_that_are_not_pipelines(tmp_path: Path) -> None:
     good = tmp_path / "ok.yaml"
     good.write_text("name: p\nsteps: [{name: a, command: [echo, hi]}]\n")
     assert load_pipeline(good).workdir == str(tmp_path.resolve())
+
+
+def test_the_readme_pipeline_is_valid() -> None:
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("# nightly.yaml\n", 1)[1].split("```", 1)[0]
+    pipe = from_dict(yaml.safe_load(block))
+    assert pipe.edges() == {("make-data", "train"), ("train", "evaluate"), ("make-data", "evaluate"),
+                            ("evaluate", "deploy")}
+    assert pipe.step("train").retry.on == ["infra"] and pipe.step("deploy").cache is False
