@@ -81,9 +81,14 @@ def run(
     from tandem.pipeline.spec import PipelineError
 
     pipe = _load(file)
+    given = _params(param)
+    for name, value in given.items():   # a path typed on the command line is relative to where it was typed
+        spec = pipe.params.get(name)
+        if spec is not None and spec.type == "path" and not Path(str(value)).is_absolute():
+            given[name] = str(Path.cwd() / str(value))
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        result = run_pipeline(pipe, _params(param), _home(home), run_id=run_id, trigger=trigger,
+        result = run_pipeline(pipe, given, _home(home), run_id=run_id, trigger=trigger,
                               file=str(file.resolve()), progress=lambda line: typer.echo(line))
     except PipelineError as exc:
         raise _fail(str(exc)) from None

@@ -307,6 +307,10 @@ class _Run:
                 return
             shutil.rmtree(scratch, ignore_errors=True)
             r.failure, r.message = failure, message
+            if self.stop.is_set():   # the runner is stopping: the step did not fail, it was stopped
+                r.status, r.message = "interrupted", "the runner was stopped while this step ran"
+                self._record(r, key)
+                return
             retry = step.retry
             if r.attempts > retry.limit or failure not in retry.on or self.stop.is_set():
                 r.status = "failed"
@@ -452,6 +456,10 @@ def run_pipeline(pipe: Pipeline, params: dict[str, object] | None = None, home: 
     """Run `pipe` here and return what every step did; the history goes to ``HOME/history.sqlite``."""
     pipe.validate_dag()
     values = pipe.resolve_params(params)
+    for name, spec in pipe.params.items():
+        where = Path(pipe.workdir or Path.cwd()) / str(values[name])
+        if spec.type == "path" and not where.exists():
+            raise PipelineError(f"path parameter {name!r}: {where} does not exist", field=f"params.{name}")
     home = Path(home or default_home()).resolve()
     store = Store(home)
     run_id = run_id or new_run_id(pipe.name)
@@ -468,8 +476,8 @@ def run_pipeline(pipe: Pipeline, params: dict[str, object] | None = None, home: 
             run.stop.set()
             for proc in list(run.procs.values()):
                 _kill_group(proc)
-            run.pool.shutdown(wait=False, cancel_futures=True)
-            store.end_run(run_id, "failed", "the runner stopped (interrupted)")
+            run.pool.shutdown(wait=True, cancel_futures=True)   # their last writes go in before the close
+            store.end_run(run_id, "interrupted", "the runner was stopped (SIGINT/SIGTERM)")
             raise
         run.pool.shutdown(wait=True)
         status = "failed" if any(r.status == "failed" for r in run.results.values()) else "succeeded"

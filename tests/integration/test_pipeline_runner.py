@@ -238,6 +238,23 @@ def test_retry_reuses_succeeded_steps_of_the_run(tmp_path: Path) -> None:
         retry_run("nope", home)
 
 
+def test_path_params_are_cached_by_content_and_must_exist(tmp_path: Path) -> None:
+    data = tmp_path / "in.txt"
+    data.write_text("one")
+    raw = {"name": "pp", "workdir": str(tmp_path), "params": {"src": {"type": "path", "default": "in.txt"}},
+           "steps": [{"name": "copy", "command": ["cp", "{params.src}", "{outputs.o}"],
+                      "outputs": {"artifacts": ["o"]}}]}
+    home = tmp_path / "h"
+    assert run_pipeline(from_dict(raw), None, home).steps["copy"].status == "succeeded"
+    assert run_pipeline(from_dict(raw), None, home).steps["copy"].status == "cached"
+    data.write_text("two")   # same name, new content: not a cache hit
+    again = run_pipeline(from_dict(raw), None, home)
+    assert again.steps["copy"].status == "succeeded" and again.steps["copy"].artifacts["o"].read_text() == "two"
+    with pytest.raises(PipelineError, match="path parameter 'src': .*nope.txt does not exist") as info:
+        run_pipeline(from_dict(raw), {"src": "nope.txt"}, home)
+    assert info.value.field == "params.src"
+
+
 def test_history_cli_list_status_logs(tmp_path: Path) -> None:
     f, home = _pipe(tmp_path, DIAMOND), str(tmp_path / "h")
     run = subprocess.run([*TANDEM, "run", str(f), "--home", home, "-p", "word=abc"], capture_output=True,
