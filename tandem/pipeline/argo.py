@@ -28,13 +28,16 @@ Retries. Argo's default policy (OnFailure) does not retry an Error (a pod delete
 treats a SIGKILL/SIGTERM exit like any exit, so pre-emption looked like a code failure and ``on: [infra]`` missed
 it. The export uses ``retryPolicy: Always`` with an ``expression`` that sorts failures as the local runner does:
 
-    timeout  the message names the deadline (activeDeadlineSeconds ran out)
-    infra    not a timeout, and the node is an Error (pod deleted, evicted, pre-empted, node lost) or it Failed
-             with exit code 137 or 143 (SIGKILL: out of memory; SIGTERM: drained or pre-empted)
-    code     not a timeout, Failed with any other exit code
+    timeout  the message names the deadline (activeDeadlineSeconds ran out: Kubernetes reports "Pod was active
+             on the node longer than the specified deadline" and kills the container, so this is tested first)
+    infra    not a timeout, and the node is an Error (pod deleted, node lost), or it Failed with exit code 137 or
+             143 (SIGKILL: out of memory; SIGTERM: drained or pre-empted), or its message tells of pre-emption,
+             eviction or a node shutdown (a process that handles SIGTERM may exit 1 when its node goes away)
+    code     not a timeout and not infra: Failed with any other exit code
 
 The expression is the OR of the step's ``retry.on`` classes. Back-off: ``duration`` = backoff_s, ``factor``,
 ``cap`` = max_backoff_s (the per-retry ceiling, the local meaning; ``maxDuration`` bounds the total and is not set).
+Argo reads the factor as an integer, so a fractional ``retry.factor`` is an export error rather than a rounding.
 
 Caching: off on Argo (``step.cache`` applies to local runs only). Argo memoization keeps its entries in a
 ConfigMap, capped at 1 MiB for all entries together, and its key is rendered before the pod runs, so it can hold
@@ -81,11 +84,12 @@ Kind = Literal["workflow", "cron", "template"]
 ROOT = "/tmp/tandem"   # noqa: S108  (a path inside the step's container, not on this machine)
 _DEADLINE = 'lastRetry.message contains "deadline"'
 _KILLED = "asInt(lastRetry.exitCode) in [137, 143]"
-INFRA = f'lastRetry.status == "Error" || (lastRetry.status == "Failed" && {_KILLED})'
+_GONE = "lastRetry.message matches '(?i)imminent node shutdown|preempt|evict'"
+INFRA = f'lastRetry.status == "Error" || (lastRetry.status == "Failed" && ({_KILLED} || {_GONE}))'
 _CLASSES = {
     "timeout": f"({_DEADLINE})",
     "infra": f"(!({_DEADLINE}) && ({INFRA}))",
-    "code": f'(!({_DEADLINE}) && lastRetry.status == "Failed" && !({_KILLED}))',
+    "code": f'(!({_DEADLINE}) && lastRetry.status == "Failed" && !({INFRA}))',
 }
 _NUMBER = re.compile(r"^-?\d+(\.\d+)?([eE][-+]?\d+)?$")
 _DEPENDS_NAME = re.compile(r"([a-z0-9](?:[-a-z0-9]*[a-z0-9])?)(?:\.[A-Za-z]+)?")
@@ -253,9 +257,11 @@ def _retry(step: Step) -> RetryStrategy | None:
     r = step.retry
     if r.limit == 0 or not r.on:
         return None
-    factor: int | str = int(r.factor) if float(r.factor).is_integer() else f"{r.factor:g}"
+    if not float(r.factor).is_integer():   # the controller parses it with intstr.Int32: "1.5" fails the node
+        raise PipelineError(f"Argo's backoff factor is a whole number, not {r.factor:g}; use 1, 2, 3 ...",
+                            step=step.name, field="retry.factor")
     return RetryStrategy(limit=r.limit, retry_policy="Always", expression=retry_expression(list(r.on)),
-                         backoff=Backoff(duration=f"{r.backoff_s:g}s", factor=factor,  # type: ignore[arg-type]
+                         backoff=Backoff(duration=f"{r.backoff_s:g}s", factor=int(r.factor),  # type: ignore[arg-type]
                                          cap=f"{r.max_backoff_s:g}s"))
 
 

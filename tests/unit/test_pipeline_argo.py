@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -145,11 +146,38 @@ def test_train_container_resources_and_policy(manifests: dict[str, dict[str, Any
     assert "retryStrategy" not in _template(manifests["workflow"], "smoke")
 
 
-def test_retry_expression_classes() -> None:
+def _evaluate(expression: str, status: str, exit_code: int, message: str = "") -> bool:
+    """`expression` (the subset of expr-lang the export writes) evaluated in Python for one ``lastRetry``."""
+    py = re.sub(r"lastRetry\.message matches '\(\?i\)([^']*)'", lambda m: f"bool(re.search({m.group(1)!r}, "
+                f"msg, re.I))", expression)
+    py = re.sub(r'lastRetry\.message contains "([^"]*)"', lambda m: f"({m.group(1)!r} in msg)", py)
+    py = py.replace("asInt(lastRetry.exitCode)", "code").replace("lastRetry.status", "status")
+    py = py.replace("&&", " and ").replace("||", " or ").replace("!(", " not (")
+    return bool(eval(py, {"re": re}, {"status": status, "code": exit_code, "msg": message}))
+
+
+@pytest.mark.parametrize(("status", "exit_code", "message", "kind"), [
+    ("Error", -1, "pod deleted", "infra"),
+    ("Failed", 137, "OOMKilled (exit code 137)", "infra"),
+    ("Failed", 143, "", "infra"),
+    ("Failed", 1, "Pod was terminated in response to imminent node shutdown.", "infra"),   # graceful pre-emption
+    ("Failed", 1, "Error (exit code 1)", "code"),
+    ("Failed", 137, "Pod was active on the node longer than the specified deadline", "timeout"),
+])
+def test_retry_expression_sorts_failures(status: str, exit_code: int, message: str, kind: str) -> None:
+    for on in ("infra", "code", "timeout"):
+        assert _evaluate(argo.retry_expression([on]), status, exit_code, message) == (on == kind), on
+    assert _evaluate(argo.retry_expression(["infra", "code", "timeout"]), status, exit_code, message)
+
+
+def test_retry_expression_joins_classes_and_factor_is_whole() -> None:
     infra, code = argo.retry_expression(["infra"]), argo.retry_expression(["code"])
-    assert argo.INFRA in infra and "!(asInt" in code
-    assert "deadline" in argo.retry_expression(["timeout"])
-    assert argo.retry_expression(["infra", "code"]) == f"{infra} || {code}"
+    assert argo.INFRA in infra and argo.retry_expression(["infra", "code"]) == f"{infra} || {code}"
+    assert infra.count("(") == infra.count(")") and code.count("(") == code.count(")")
+    p = Pipeline(name="p")
+    p.add(Step(name="a", command=["true"], retry=Retry(limit=1, factor=1.5)))
+    with pytest.raises(PipelineError, match="retry.factor"):
+        argo.export(p)
 
 
 def test_artifacts_parameters_and_when(manifests: dict[str, dict[str, Any]]) -> None:
