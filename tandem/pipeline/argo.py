@@ -68,6 +68,7 @@ from hera.workflows import (
     Parameter,
     Resources,
     RetryStrategy,
+    SecretEnv,
     Task,
     Workflow,
     WorkflowTemplate,
@@ -222,7 +223,9 @@ def _container(pipe: Pipeline, step: Step) -> Container:
     volumes = [EmptyDirVolume(name=f"tandem-{d}", mount_path=f"{ROOT}/{d}")
                for d, used in (("outputs", step.outputs.artifacts), ("results", step.outputs.params or
                                                                        step.function)) if used]
-    env = [Env(name=k, value=_render(step, v)) for k, v in step.env.items()]
+    env: list[Env | SecretEnv] = [Env(name=k, value=_render(step, v)) for k, v in step.env.items()]
+    env += [SecretEnv(name=var, secret_name=ref.split("/", 1)[0], secret_key=ref.split("/", 1)[1])
+            for var, ref in step.secrets.items()]
     env += [Env(name="TANDEM_PIPELINE_RUN", value="{{workflow.name}}"), Env(name="TANDEM_PIPELINE_STEP",
                                                                              value=step.name)]
     res = step.resources

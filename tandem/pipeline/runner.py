@@ -210,7 +210,8 @@ class _Run:
         skipped = [d for d in sorted(self.deps[name]) if self.results[d].status == "skipped"]
         if skipped:
             return f"upstream step {skipped[0]!r} was skipped"
-        return f"condition {self.steps[name].when!r} is false"
+        when = str(self.steps[name].when)
+        return f"condition {when!r} is false ({self.render(self.steps[name], when)})"
 
     def _take(self, step: Step, sign: int) -> None:
         self.used_cpu += sign * min(step.resources.cpu, self.cpus)
@@ -327,7 +328,13 @@ class _Run:
 
     def _argv(self, step: Step, paths: dict[str, dict[str, Path]], scratch: Path) -> list[str]:
         if step.command is not None:
-            return [self.render(step, a, paths) for a in step.command]
+            argv = [self.render(step, a, paths) for a in step.command]
+            # `python` and `tandem` mean this runner's interpreter and Tandem (a venv need not be on PATH)
+            if argv[0] in ("python", "python3"):
+                argv[0] = sys.executable
+            elif argv[0] == "tandem":
+                argv[:1] = [sys.executable, "-m", "tandem.cli"]
+            return argv
         argv = [sys.executable, "-m", "tandem.pipeline.call", str(step.function),
                 "--results-dir", str(scratch / "results")]
         for k, v in step.args.items():

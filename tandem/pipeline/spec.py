@@ -149,6 +149,9 @@ class Step(_Strict):
     when: str | None = None
     image: str | None = None
     env: dict[str, str] = {}
+    # environment variables that hold secrets (keys): locally taken from the runner's environment, on Argo from
+    # a Kubernetes Secret, given as "SECRET/KEY"; never written into the pipeline or its manifest
+    secrets: dict[str, str] = {}
     resources: Resources = Resources()
     node_selector: dict[str, str] = {}
     tolerations: list[Toleration] = []
@@ -355,6 +358,14 @@ def _check_step(s: Step, steps: dict[str, Step], params: dict[str, Param]) -> No
             _check_placeholder(s, where, kind, name, steps, params)
     if s.when:
         parse_condition(s.when, s.name)
+    _check_secrets(s)
+
+
+def _check_secrets(s: Step) -> None:
+    for var, ref in s.secrets.items():
+        if not re.match(_IDENT, var) or not re.match(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[-._A-Za-z0-9]+$", ref):
+            raise PipelineError(f"secret {var!r}: write ENV_NAME: SECRET/KEY (a Kubernetes Secret and its key), "
+                                f"got {ref!r}", step=s.name, field=f"secrets.{var}")
 
 
 def _check_placeholder(s: Step, where: str, kind: str, name: str, steps: dict[str, Step],

@@ -57,6 +57,9 @@ class Router:
         self.layout, self.front, self.kinds, self.drain_timeout_s = layout, front, kinds, drain_timeout_s
         self.ctx = zmq.asyncio.Context()
         self.clients: dict[str, FrontClient] = {}
+        # clients of removed (rolled-over) entries while their in-flight requests finish: their replies and
+        # replica events must still reach them, or those requests wait out their timeout (a 504 per request)
+        self.draining: dict[str, FrontClient] = {}
         try:
             for entry in entries:
                 self.clients[entry.uid] = kinds[entry.config.kind].client(entry, self.ctx, layout, front)
@@ -79,9 +82,12 @@ class Router:
     async def close(self) -> None:
         for t in self._tasks:
             t.cancel()
-        for client in self.clients.values():
+        for client in [*self.clients.values(), *self.draining.values()]:
             await client.close()
         self.ctx.destroy(linger=0)
+
+    def _client(self, uid: str) -> FrontClient | None:
+        return self.clients.get(uid) or self.draining.get(uid)
 
     async def _read_results(self) -> None:
         while True:
@@ -91,7 +97,7 @@ class Router:
             except msgspec.DecodeError:
                 logger.exception("undecodable reply on the result socket")
                 continue
-            client = self.clients.get(msg.model)
+            client = self._client(msg.model)
             if client is not None:
                 client.on_message(msg)
 
@@ -108,7 +114,7 @@ class Router:
                 self._tasks.append(asyncio.create_task(self._apply(msg)))
 
     def _on_event(self, msg: Event) -> None:
-        client = self.clients.get(msg.model)
+        client = self._client(msg.model)
         if client is None:
             return
         if msg.kind == "up":
@@ -123,11 +129,13 @@ class Router:
                 found = (Path(src.folder), Path(src.code), src.name, src.version)
                 entry = build_entry(src.index, self.kinds, found)
                 self.clients[entry.uid] = self.kinds[entry.config.kind].client(entry, self.ctx, self.layout, self.front)
-            gone = [self.clients.pop(uid) for uid in change.removed if uid in self.clients]
+            gone = {uid: self.clients.pop(uid) for uid in change.removed if uid in self.clients}
+            self.draining.update(gone)
             deadline = time.monotonic() + self.drain_timeout_s
-            while any(c.in_flight for c in gone) and time.monotonic() < deadline:
+            while any(c.in_flight for c in gone.values()) and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
-            for client in gone:
+            for uid, client in gone.items():
+                self.draining.pop(uid, None)
                 await client.close()
         except Exception as e:  # noqa: BLE001 - report to the supervisor, keep serving the rest
             logger.exception("applying repository change %d failed", change.op_id)

@@ -349,3 +349,19 @@ def test_cli_export_cron(tmp_path: Path) -> None:
     assert m["spec"]["timezone"] == "America/New_York"
     assert argo.dag_edges(m) == {("make", "show")}
     assert m["spec"]["workflowSpec"]["arguments"]["parameters"] == [{"name": "n", "value": "7"}]
+
+
+def test_secrets_come_from_a_kubernetes_secret_and_are_checked() -> None:
+    from tandem.pipeline.spec import from_dict
+
+    pipe = from_dict({"name": "s", "steps": [{"name": "deploy", "command": ["true"],
+                                               "secrets": {"TANDEM_ADMIN_KEY": "tandem-keys/admin"}}]})
+    manifest = argo.export(pipe)
+    validate_manifest(manifest)
+    tpl = next(t for t in manifest["spec"]["templates"] if t["name"] == "deploy")
+    env = {e["name"]: e for e in tpl["container"]["env"]}
+    assert env["TANDEM_ADMIN_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "tandem-keys", "key": "admin"}
+    assert "value" not in env["TANDEM_ADMIN_KEY"]
+    with pytest.raises(PipelineError, match="write ENV_NAME: SECRET/KEY") as info:
+        from_dict({"name": "s", "steps": [{"name": "d", "command": ["true"], "secrets": {"K": "not a ref"}}]})
+    assert info.value.field == "secrets.K"
