@@ -2,6 +2,7 @@
 
 torchrun (not a home-made launcher) starts the ranks, sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR, and
 stops every rank as soon as one exits non-zero; its error (the failing rank's traceback) reaches stderr.
+One process on one node (the default) runs the script directly: torchrun would only add its start-up.
 Multi-node: run the same command on each node with --nnodes, --node-rank and either --master-addr/--master-port
 (static) or --rdzv-backend c10d --rdzv-endpoint HOST:PORT --rdzv-id JOB (elastic rendezvous).
 """
@@ -51,7 +52,12 @@ def launch(script: str, args: list[str] | None = None, *, nproc: int = 1, thread
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = threads or max(1, cpus // nproc)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    cmd = build_command(script, list(args or []), nproc=nproc, **rendezvous)  # type: ignore[arg-type]
+    single = nproc == 1 and str(rendezvous.get("nnodes", "1")) == "1" and not any(
+        rendezvous.get(k) for k in ("rdzv_backend", "master_addr", "master_port"))
+    if single:   # one process on one node: torchrun would add only its start-up (~3-6 s), so run it directly
+        cmd = [sys.executable, script, *list(args or [])]
+    else:
+        cmd = build_command(script, list(args or []), nproc=nproc, **rendezvous)  # type: ignore[arg-type]
     print(f"tandem train: {nproc} process(es) per node, OMP_NUM_THREADS={threads} ({cpus} CPUs // {nproc}); "
           f"{' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     # torchrun must not outlive us: SIGTERM/SIGINT are passed on (it then stops its ranks), and the kernel
