@@ -206,3 +206,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(getattr(pytest.mark, tier))
         if "gpu" in item.keywords and not cuda:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _restore_sigchld() -> Iterator[None]:
+    """torch's DataLoader installs a process-wide SIGCHLD handler the first time it starts workers; in the one
+    pytest process it outlives the test and then runs (into C++ state of loaders long gone) whenever any later
+    child exits, e.g. a server stopped at session end: the suite's exit segfault. Each test gets back the
+    handler it started with."""
+    before = signal.getsignal(signal.SIGCHLD)
+    yield
+    if signal.getsignal(signal.SIGCHLD) is not before:
+        signal.signal(signal.SIGCHLD, before)

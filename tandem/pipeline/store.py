@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tandem.serving._proc import pid_alive
+
 __all__ = ["CacheEntry", "RunRow", "StepRow", "Store"]
 
 _SCHEMA = """
@@ -224,16 +226,4 @@ def _run_row(r: sqlite3.Row) -> RunRow:
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:   # a zombie (killed, not yet reaped) is dead for our purposes
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
+    return pid == os.getpid() or pid_alive(pid)

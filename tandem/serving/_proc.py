@@ -7,7 +7,7 @@ import os
 import signal
 import sys
 
-__all__ = ["die_with_parent", "rss_bytes"]
+__all__ = ["die_with_parent", "pid_alive", "rss_bytes"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -36,3 +36,18 @@ def rss_bytes(pid: int | str = "self") -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs; a zombie (dead, not yet reaped) counts as dead."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's process: it exists
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True

@@ -17,6 +17,7 @@ import yaml
 from tandem.pipeline.runner import retry_run, run_pipeline
 from tandem.pipeline.spec import PipelineError, from_dict, load_pipeline
 from tandem.pipeline.store import Store
+from tandem.serving._proc import pid_alive
 
 TANDEM = [sys.executable, "-m", "tandem.cli", "pipeline"]
 
@@ -141,18 +142,11 @@ def test_timeout_kills_the_process_group_and_missing_outputs_fail(tmp_path: Path
     res = run_pipeline(from_dict(raw), None, tmp_path / "h")
     slow, lazy = res.steps["slow"], res.steps["lazy"]
     assert slow.status == "failed" and slow.failure == "timeout" and "timeout of 0.5 s" in slow.message
-    assert not _alive(int(pidfile.read_text()))   # the grandchild went with its group
+    assert not pid_alive(int(pidfile.read_text()))   # the grandchild went with its group
     assert lazy.failure == "code" and "did not write outputs.model, results.acc" in lazy.message
     assert "cannot start 'pyhton3': no such program" in res.steps["typo"].message
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 FUNC_MODULE = '''
@@ -203,9 +197,9 @@ def test_kill_9_of_the_runner_then_rerun_skips_completed_and_reruns_interrupted(
     runner.wait(timeout=10)
     step_pid = int(pidfile.read_text())
     deadline = time.monotonic() + 10
-    while _alive(step_pid) and time.monotonic() < deadline:
+    while pid_alive(step_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(step_pid), "the step outlived its runner"
+    assert not pid_alive(step_pid), "the step outlived its runner"
     killed = _last_run(home)
 
     raw["steps"][1]["command"] = ["sh", "-c", "cat {inputs.a} > {outputs.b}"]   # the fixed, quick version

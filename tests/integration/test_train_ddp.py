@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from tandem.serving._proc import pid_alive
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = str(ROOT / "tests" / "fixtures" / "train_ddp" / "ddp_run.py")
 
@@ -61,15 +63,6 @@ def test_sigterm_and_kill_9_of_tandem_train_stop_torchrun_and_its_ranks(tmp_path
         proc.send_signal(sig)
         proc.wait(timeout=30)
         deadline = time.monotonic() + 30
-        while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
+        while any(pid_alive(pid) for pid in ranks) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not any(_alive(pid) for pid in ranks), f"a rank outlived `tandem train` after {sig.name}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        assert not any(pid_alive(pid) for pid in ranks), f"a rank outlived `tandem train` after {sig.name}"
