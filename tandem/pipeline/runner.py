@@ -181,9 +181,6 @@ class _Run:
             running.discard(finished)
             self._take(self.steps[finished], -1)
 
-    def _finished(self) -> set[str]:
-        return {n for n, r in self.results.items() if r.status not in ("pending", "running")}
-
     def _readiness(self, name: str) -> str:
         res = self.results
         if any(res[d].status in ("failed", "not_run") for d in self.deps[name]):

@@ -212,7 +212,6 @@ def test_kill_9_of_the_runner_then_rerun_skips_completed_and_reruns_interrupted(
         assert {s.name: s.status for s in store.steps(killed)}["long"] == "interrupted"
     finally:
         store.close()
-    assert not list((home / "artifacts").glob(".tmp-*")) or True   # scratch of the killed attempt may remain
 
 
 def test_retry_reuses_succeeded_steps_of_the_run(tmp_path: Path) -> None:
