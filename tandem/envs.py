@@ -6,7 +6,8 @@ import os
 
 __all__ = ["TANDEM_HOST", "TANDEM_PORT", "TANDEM_CPU_WORKERS", "TANDEM_SHM_DIR", "TANDEM_LOG_LEVEL",
            "TANDEM_DRAIN_TIMEOUT_S", "TANDEM_API_KEY", "TANDEM_ADMIN_KEY", "LORA_ADAPTERS", "env_str",
-           "TANDEM_CACHE_DIR", "cache_dir", "shm_dir", "TANDEM_PIPELINE_HOME", "TANDEM_PIPELINE_KEY"]
+           "TANDEM_CACHE_DIR", "cache_dir", "shm_dir", "TANDEM_PIPELINE_HOME", "TANDEM_PIPELINE_KEY",
+           "TANDEM_TRAIN_TIMEOUT_S"]
 
 
 def env_str(name: str, default: str | None = None) -> str | None:
@@ -36,6 +37,9 @@ TANDEM_CACHE_DIR = "TANDEM_CACHE_DIR"
 TANDEM_PIPELINE_HOME = "TANDEM_PIPELINE_HOME"
 # Key the pipeline scheduler's HTTP trigger needs (Authorization: Bearer KEY).
 TANDEM_PIPELINE_KEY = "TANDEM_PIPELINE_KEY"
+
+# Seconds a training collective waits for its peers before the process group gives up (default 600).
+TANDEM_TRAIN_TIMEOUT_S = "TANDEM_TRAIN_TIMEOUT_S"
 
 # Adapters of `tandem serve --llm` loaded at start, "name=path,name=path" (same name as TGI's variable).
 LORA_ADAPTERS = "LORA_ADAPTERS"

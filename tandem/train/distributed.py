@@ -24,15 +24,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tandem.envs import TANDEM_TRAIN_TIMEOUT_S
 from tandem.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CommOptions", "DistEnv", "TANDEM_TRAIN_TIMEOUT_S", "all_reduce_bandwidth", "init_distributed",
-           "shutdown", "wrap_ddp"]
+           "shutdown", "wait_for_idle_gloo_workers", "wrap_ddp"]
 
-# Seconds a collective may wait for its peers before the process group gives up (default 600).
-TANDEM_TRAIN_TIMEOUT_S = "TANDEM_TRAIN_TIMEOUT_S"
 _COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
 
 
@@ -115,9 +114,56 @@ def init_distributed(strategy: str = "auto", devices: Any = "auto") -> DistEnv:
 
 
 def shutdown() -> None:
-    """Leave the process group (registered at exit by init_distributed)."""
+    """Leave the process group (registered at exit by init_distributed), once gloo's workers are idle."""
     if dist.is_available() and dist.is_initialized():
+        wait_for_idle_gloo_workers()
         dist.destroy_process_group()
+
+
+def wait_for_idle_gloo_workers(timeout_s: float = 5.0, interval_s: float = 0.01) -> bool:
+    """Wait, GIL released, until every gloo worker thread has stayed asleep across one interval.
+
+    A gloo worker thread drops its finished collective a moment after the caller's wait() returns; when it
+    holds the last reference to a tensor Python has let go, that drop takes the GIL, and a thread asking
+    for the GIL once the interpreter is finalizing takes the whole process down with SIGABRT ("terminate
+    called without an active exception", pytorch/pytorch#190489; seen here on loaded CPUs). A thread that
+    waits for the GIL is woken as soon as this one sleeps, so an unchanged asleep snapshot means idle.
+    True when idle, False on timeout or where /proc is missing (then one interval was slept)."""
+    deadline, previous = time.monotonic() + timeout_s, None
+    while True:
+        snapshot = _gloo_worker_states()
+        if snapshot is None:
+            time.sleep(interval_s)
+            return False
+        if snapshot == previous and all(state == "S" for state, _ in snapshot.values()):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        previous = snapshot
+        time.sleep(interval_s)
+
+
+def _gloo_worker_states() -> dict[str, tuple[str, str]] | None:
+    """{thread id: (scheduler state, context-switch counts)} of this process's gloo worker threads."""
+    tasks = "/proc/self/task"
+    try:
+        tids = os.listdir(tasks)
+    except OSError:
+        return None
+    states: dict[str, tuple[str, str]] = {}
+    for tid in tids:
+        try:
+            with open(f"{tasks}/{tid}/comm") as f:
+                if not f.read().startswith("pt_gloo"):
+                    continue
+            with open(f"{tasks}/{tid}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:        # the thread ended meanwhile
+            continue
+        switches = fields.get("voluntary_ctxt_switches", "").strip() + "/" + \
+            fields.get("nonvoluntary_ctxt_switches", "").strip()
+        states[tid] = (fields.get("State", "?").strip()[:1], switches)
+    return states
 
 
 def wrap_ddp(module: nn.Module, env: DistEnv, comm: CommOptions | None = None) -> nn.Module:

@@ -10,8 +10,16 @@ import torch.distributed as dist
 from torch import nn
 
 from tandem.errors import ConfigError
+from tandem.train import distributed
 from tandem.train.command import build_command
-from tandem.train.distributed import CommOptions, DistEnv, all_reduce_bandwidth, init_distributed, wrap_ddp
+from tandem.train.distributed import (
+    CommOptions,
+    DistEnv,
+    all_reduce_bandwidth,
+    init_distributed,
+    wait_for_idle_gloo_workers,
+    wrap_ddp,
+)
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
@@ -59,3 +67,26 @@ def test_one_rank_gloo_group_wraps_ddp_with_each_hook_and_times_allreduce(tmp_pa
         assert all(r["busbw_gbs"] == 0.0 for r in rows)   # 2(W-1)/W is 0 for one rank
     finally:
         dist.destroy_process_group()
+
+
+def test_gloo_workers_are_found_and_seen_idle_after_a_collective(tmp_path: Path) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        dist.all_reduce(torch.ones(1 << 16))
+        states = distributed._gloo_worker_states()
+        assert states, "no pt_gloo worker thread found under /proc/self/task"
+        assert wait_for_idle_gloo_workers(timeout_s=5.0)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_waiting_for_gloo_workers_gives_up_on_busy_threads_or_without_proc(monkeypatch: pytest.MonkeyPatch) -> None:
+    counter = iter(range(10**6))
+    monkeypatch.setattr(distributed, "_gloo_worker_states", lambda: {"1": ("S", str(next(counter)))})
+    assert not wait_for_idle_gloo_workers(timeout_s=0.05, interval_s=0.001)      # switches keep changing
+    monkeypatch.setattr(distributed, "_gloo_worker_states", lambda: {"1": ("R", "5/5")})
+    assert not wait_for_idle_gloo_workers(timeout_s=0.05, interval_s=0.001)      # running, never asleep
+    monkeypatch.setattr(distributed, "_gloo_worker_states", lambda: None)
+    assert not wait_for_idle_gloo_workers(timeout_s=0.05, interval_s=0.001)
+    monkeypatch.setattr(distributed, "_gloo_worker_states", lambda: {})
+    assert wait_for_idle_gloo_workers(timeout_s=0.05, interval_s=0.001)          # no gloo threads: idle
