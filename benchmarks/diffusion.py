@@ -27,7 +27,9 @@ Workloads (closed loop, `--duration` measured seconds after `--warmup` seconds p
   3. Preview cost: Tandem at c=8 on `POST /v1/images/generations`, 20 steps, streaming with
      partial_images 3 vs the same with stream false. Goal: slowdown <= 5%.
   4. VAE stall: Tandem's `tandem_diffusion_stage_seconds` histograms (/metrics, before/after workload 2
-     at c=8): unet_iteration p50 / p99 / max bucket against the mean vae_decode time.
+     at c=8): unet_iteration p50 / p99 / max bucket against the mean vae_decode time, and the
+     per-decode stall meter (`tandem_diffusion_vae_stall_iterations`: UNet iterations each decode cost
+     the loop). Goal: every decode-overlapped stretch loses <= 1 iteration per decode.
 
 Models (`--models`):
   sd-shaped  random weights (`tandem.diffusion.testing.SD_SHAPED`: UNet channels 64/128/256/256, 2
@@ -420,6 +422,8 @@ def wait_ready(url: str, body: dict[str, Any], proc: subprocess.Popen[bytes], lo
 
 _STAGES = "tandem_diffusion_stage_seconds"
 _ROWS = "tandem_diffusion_unet_rows"
+_STALL = "tandem_diffusion_vae_stall_iterations"
+_UNMEASURED = "tandem_diffusion_vae_stall_unmeasured"
 
 
 def scrape(base: str) -> dict[tuple[str, str, str], float]:
@@ -429,7 +433,7 @@ def scrape(base: str) -> dict[tuple[str, str, str], float]:
     text = httpx.get(f"{base}/metrics", timeout=30.0).text
     out: dict[tuple[str, str, str], float] = {}
     for family in text_string_to_metric_families(text):
-        if family.name not in (_STAGES, _ROWS):
+        if family.name not in (_STAGES, _ROWS, _STALL, _UNMEASURED):
             continue
         for x in family.samples:
             if x.labels.get("model") == NAME:
@@ -484,6 +488,14 @@ def vae_stall(before: dict[tuple[str, str, str], float], after: dict[tuple[str, 
     out["rows_mean"], _ = _mean_ms(delta, _ROWS)
     p50, vae = out["unet_p50_ms"], out["vae_decode_mean_ms"]
     out["one_decode_bound_ms"] = p50 + vae if p50 is not None and vae is not None else None
+    stall = _buckets(delta, _STALL, "")
+    out["stall_stretches"] = int(stall[-1][1]) if stall else 0
+    out["stall_mean_iterations"], _ = _mean_ms(delta, _STALL)
+    out["stall_p99_iterations"] = quantile(stall, 0.99)
+    out["stall_max_bucket"] = max_bucket(stall)
+    within = next((cum for le, cum in stall if le == 1.0), None)   # 1.0 is a bucket edge: exact share
+    out["stall_within_one"] = within / stall[-1][1] if within is not None and stall[-1][1] > 0 else None
+    out["stall_unmeasured"] = int(delta.get((f"{_UNMEASURED}_total", "", ""), 0.0))
     return out
 
 
@@ -706,7 +718,16 @@ def format_vae(v: dict[str, Any]) -> str:
             f"{fmt(v['unet_max_bucket_ms'], 0)} ms, mean {fmt(v['unet_mean_ms'])} ms over {v['unet_iterations']} "
             f"iterations ({fmt(v['rows_mean'])} rows each on average); vae_decode mean {fmt(v['vae_decode_mean_ms'])} "
             f"ms over {v['vae_decodes']} decodes; text_encode mean {fmt(v['text_encode_mean_ms'])} ms; "
-            f"median iteration + one decode = {fmt(v['one_decode_bound_ms'])} ms")
+            f"median iteration + one decode = {fmt(v['one_decode_bound_ms'])} ms\n"
+            f"      VAE stall per decode (tandem_diffusion_vae_stall_iterations, {v.get('stall_stretches', 0)} "
+            f"decode-overlapped stretches, {v.get('stall_unmeasured', 0)} unmeasured): mean "
+            f"{fmt(v.get('stall_mean_iterations'), 3)} iterations lost, p99 ~{fmt(v.get('stall_p99_iterations'), 2)}, "
+            f"max <= {fmt(v.get('stall_max_bucket'), 2)}; {_share(v.get('stall_within_one'))} of stretches lost "
+            f"<= 1 iteration per decode (goal: all)")
+
+
+def _share(x: float | None) -> str:
+    return "-" if x is None else f"{x * 100:.1f}%"
 
 
 def _row(lv: Level) -> str:

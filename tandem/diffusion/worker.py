@@ -6,6 +6,8 @@
 The VAE decode runs on its own thread with its own sockets, so a decode never holds the denoising
 loop of the other requests (torch releases the GIL inside its kernels). Text encoding happens in
 the loop as requests join, one batched call per join. When idle the loop blocks on its socket.
+What decodes still cost the loop (CPU shared with the decode thread) is measured per iteration by a
+StallMeter (see diffusion/metrics.py).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import zmq
 from tandem.config import DiffusionConfig
 from tandem.diffusion.engine import DenoiseEngine, Finished, Job, Progress
 from tandem.diffusion.messages import CancelImage, ImageEvent, ImageEvents, Images, Timings, Txt2Img, worker_decoder
-from tandem.diffusion.metrics import diffusion_metrics
+from tandem.diffusion.metrics import StallMeter, diffusion_metrics
 from tandem.errors import ErrorKind
 from tandem.serving.layout import RunLayout
 from tandem.serving.messages import encoder
@@ -91,6 +93,7 @@ class _Decoder(threading.Thread):
         super().__init__(name="vae-decode", daemon=True)
         self.loop = loop
         self.jobs: queue.Queue[Finished | None] = queue.Queue()  # bounded by the engine's active rows
+        self.done = 0  # decodes finished or failed (written by this thread only)
 
     def run(self) -> None:
         import torch
@@ -110,6 +113,8 @@ class _Decoder(threading.Thread):
                 logger.exception("VAE decode failed")
                 self.loop.fail_later(job, f"VAE decode failed: {type(e).__name__}: {e}")
                 continue
+            finally:
+                self.done += 1
             decode_s = time.perf_counter() - t0
             m.stage_time.labels(name, "vae_decode").observe(decode_s)
             timings = Timings(queue_ms=(job.joined - job.received - job.encode_s) * 1000, encode_ms=job.encode_s * 1000,
@@ -138,6 +143,9 @@ class _Loop:
         self.decoder = _Decoder(self)
         self.stopping = False
         self.m = diffusion_metrics()
+        self.stall = StallMeter()
+        self.queued = 0  # decodes handed to the decode thread
+        self.last: tuple[float, int, int] | None = None  # last iteration: (start less encode, rows, decodes done)
 
     def stop(self) -> None:
         self.stopping = True
@@ -157,6 +165,8 @@ class _Loop:
                            job.front)
             if self.engine.has_work:
                 self._iterate()
+            elif self.last is not None:
+                self._clock(None)
         self.decoder.jobs.put(None)
         self.decoder.join(timeout=5)
         self.ctx.destroy(linger=0)
@@ -181,6 +191,7 @@ class _Loop:
     def _iterate(self) -> None:
         name = self.entry.config.name
         t0 = time.perf_counter()
+        self._clock(t0)
         try:
             news, done = self.engine.step(heartbeat_s=_HEARTBEAT_S)
         except Exception as e:  # noqa: BLE001 - fail the running requests, keep serving new ones
@@ -195,11 +206,30 @@ class _Loop:
             unet_s = time.perf_counter() - t0 - self.engine.last_encode_s
             self.m.stage_time.labels(name, "unet_iteration").observe(unet_s)
             self.m.rows.labels(name).observe(self.engine.last_rows)
+        self.last = (t0 + self.engine.last_encode_s, self.engine.last_rows, self.decoder.done) \
+            if self.engine.last_rows else None
         self.m.active.labels(name).set(len(self.engine.active))
         self.m.waiting.labels(name).set(len(self.engine.waiting))
         self._send_news(news)
+        self.queued += len(done)
         for f in done:
             self.decoder.jobs.put(f)
+
+    def _clock(self, now: float | None) -> None:
+        """Give the stall meter the interval since the last iteration began (None: the loop went idle)."""
+        last, self.last = self.last, None
+        unmeasured, lost = self.stall.unmeasured, None
+        if last is None or now is None:
+            self.stall.reset()  # no interval to measure: an open stretch ends unmeasured
+        else:
+            start, rows, done0 = last
+            busy = self.queued > done0  # a decode was pending at its start or was handed over during it
+            lost = self.stall.observe(now - start, rows, busy, done0 if busy else self.decoder.done)
+        name = self.entry.config.name
+        if lost is not None:
+            self.m.stall.labels(name).observe(lost)
+        if self.stall.unmeasured != unmeasured:
+            self.m.unmeasured.labels(name).inc(self.stall.unmeasured - unmeasured)
 
     def _send_news(self, news: list[Progress]) -> None:
         by_front: dict[int, list[ImageEvent]] = defaultdict(list)

@@ -61,6 +61,9 @@ def test_sixteen_concurrent_requests_each_equal_their_alone_run(diffusion_server
             [line.rsplit(" ", 1)[1] for line in httpx.get(diffusion_server.url + "/metrics").text.splitlines()
              if line.startswith("tandem_diffusion_unet_rows_sum")]]
     assert rows and rows[0] > 0
+    # requests of 4-8 steps finish while others denoise: the stall meter saw decode-overlapped stretches
+    assert metric(diffusion_server, "tandem_diffusion_vae_stall_iterations_count") + \
+        metric(diffusion_server, "tandem_diffusion_vae_stall_unmeasured_total") >= 1
     for r, image in zip(reqs, together):
         assert_same_image(image, run(r), what=f"request {r} batched vs alone")
     assert psnr(together[1], together[2]) < 30  # distinct seeds: distinct images
