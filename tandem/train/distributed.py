@@ -216,6 +216,7 @@ def all_reduce_bandwidth(sizes_bytes: list[int], iters: int = 10, device: torch.
             dist.all_reduce(buf)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+        dist.barrier()  # every rank starts its clock together: no rank times another's lateness
         start = time.perf_counter()
         for _ in range(iters):
             dist.all_reduce(buf)
