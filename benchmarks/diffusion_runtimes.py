@@ -55,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 from tandem.config import DiffusionConfig  # noqa: E402
 from tandem.diffusion.engine import DenoiseEngine, Job  # noqa: E402
 from tandem.diffusion.messages import ImageParams  # noqa: E402
+from tandem.diffusion.optimize import psnr  # noqa: E402
 from tandem.diffusion.pipeline import Stages, load_stages  # noqa: E402
 from tandem.diffusion.runtimes import OnnxUNet, OpenVinoUNet, convert_unet_openvino, export_unet_onnx  # noqa: E402
 from tandem.diffusion.testing import SD_SHAPED, TINY, PipelineShape, make_random_pipeline  # noqa: E402
@@ -67,11 +68,6 @@ HALF = dataclasses.replace(SD_SHAPED, unet_channels=(32, 64, 128, 128))
 SHAPES: dict[str, PipelineShape] = {"tiny": TINY, "half": HALF, "sd": SD_SHAPED}
 VARIANTS = ("torch", "ort", "ort-ts", "ov-f32", "ov-f32-static", "ov-default")
 PROMPT, NEGATIVE = "a lighthouse on a cliff at dusk, oil painting", "blurry"
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * float(np.log10(255.0**2 / mse))
 
 
 def generate(stages: Stages, cfg: DiffusionConfig, job: Job) -> tuple[torch.Tensor, np.ndarray]:

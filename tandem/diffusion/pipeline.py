@@ -28,7 +28,8 @@ import torch
 from tandem.config import SAMPLERS, DiffusionConfig, StageConfig
 from tandem.errors import ConfigError
 
-__all__ = ["SAMPLER_CLASSES", "Stages", "check_folder", "load_stages", "make_scheduler", "stage_dtype"]
+__all__ = ["SAMPLER_CLASSES", "Stages", "bucket_graphs", "check_folder", "load_stages", "make_scheduler",
+           "make_unet_runtime", "stage_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -184,14 +185,14 @@ def _weights_key(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def unet_runtimes(stages: Stages, cfg: DiffusionConfig, folder: Path) -> dict[tuple[int, int], Any]:
-    """The UNet exported to ONNX once per size bucket (cached under TANDEM_CACHE_DIR), on onnxruntime/openvino."""
+def bucket_graphs(stages: Stages, cfg: DiffusionConfig, folder: Path) -> dict[tuple[int, int], Path]:
+    """(h, w) of the latents -> the UNet exported to ONNX for that size bucket, once (cached under TANDEM_CACHE_DIR)."""
     from tandem.diffusion import runtimes
     from tandem.envs import cache_dir
 
     key, f = _weights_key(folder / "unet"), stages.scale_factor
     text = (2, stages.text_encoder.config.max_position_embeddings, stages.unet.config.cross_attention_dim)
-    out: dict[tuple[int, int], Any] = {}
+    out: dict[tuple[int, int], Path] = {}
     for w, h in cfg.buckets():
         path = Path(cache_dir()) / "diffusion" / f"unet-{key}-{h // f}x{w // f}.onnx"
         if not path.exists():  # export beside, then rename: replicas starting together never read a partial file
@@ -199,7 +200,25 @@ def unet_runtimes(stages: Stages, cfg: DiffusionConfig, folder: Path) -> dict[tu
             runtimes.export_unet_onnx(stages.unet, tmp, (2, stages.latent_channels, h // f, w // f), text,
                                       dynamo=False)
             tmp.replace(path)
-        logger.info("UNet %dx%d on %s from %s", w, h, cfg.unet.runtime, path)
-        out[(h // f, w // f)] = (runtimes.OnnxUNet(path) if cfg.unet.runtime == "onnxruntime"
-                                 else runtimes.OpenVinoUNet(path, precision="f32", static_batch=True))
+        out[(h // f, w // f)] = path
+    return out
+
+
+def make_unet_runtime(runtime: str, graph: Path, threads: int | None = None) -> Any:
+    """The UNet of `graph` on `runtime` ("onnxruntime" or "openvino", fp32), called like `Stages.denoise`."""
+    from tandem.diffusion import runtimes
+
+    if runtime == "onnxruntime":
+        return runtimes.OnnxUNet(graph, threads=threads)
+    if runtime == "openvino":
+        return runtimes.OpenVinoUNet(graph, precision="f32", threads=threads, static_batch=True)
+    raise ValueError(f"unknown UNet runtime {runtime!r} (onnxruntime or openvino)")
+
+
+def unet_runtimes(stages: Stages, cfg: DiffusionConfig, folder: Path) -> dict[tuple[int, int], Any]:
+    """The UNet on onnxruntime/openvino per size bucket, from the cached ONNX exports."""
+    out: dict[tuple[int, int], Any] = {}
+    for latent, graph in bucket_graphs(stages, cfg, folder).items():
+        logger.info("UNet %dx%d latents on %s from %s", latent[1], latent[0], cfg.unet.runtime, graph)
+        out[latent] = make_unet_runtime(cfg.unet.runtime, graph)
     return out

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -104,7 +105,8 @@ def _export_dynamo(model: torch.nn.Module, args: tuple[torch.Tensor, ...], out: 
 
 def _export_torchscript(model: torch.nn.Module, args: tuple[torch.Tensor, ...], out: Path, opset: int) -> None:
     axes = {name: {0: "batch"} for name in (*INPUT_NAMES, OUTPUT_NAME)}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():  # diffusers' shape asserts are constants for a fixed bucket
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(model, args, str(out), dynamo=False, input_names=list(INPUT_NAMES),
                           output_names=[OUTPUT_NAME], dynamic_axes=axes, opset_version=opset, do_constant_folding=True)
 

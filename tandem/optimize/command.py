@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -14,6 +15,7 @@ from rich.table import Table
 from tandem.errors import OptimizeError
 
 if TYPE_CHECKING:  # onnx, onnxruntime and torch load only when the command runs
+    from tandem.diffusion.optimize import DiffusionOutcome
     from tandem.optimize.api import Outcome
     from tandem.optimize.sources import Source
 
@@ -28,7 +30,8 @@ _Calib = Annotated[Path | None, typer.Option(
          "entry's calibration.jsonl), or an .npz of inputs (.onnx files)")]
 _Target = Annotated[list[str] | None, typer.Option(
     "--target", "-t", help="int8-dynamic, int8-smooth, int8-static, fp16, bf16 (repeatable; default: "
-                           "int8-dynamic and int8-smooth on CPU, fp16 on GPU)")]
+                           "int8-dynamic and int8-smooth on CPU, fp16 on GPU); for diffusion entries the "
+                           "UNet runtimes onnxruntime, openvino (default: both)")]
 _Stat = Annotated[str, typer.Option(help="Statistic checked per output: mean, median or max")]
 _Plan = Annotated[Path | None, typer.Option(help="Re-apply this precision.yaml instead of searching")]
 _Entry = Annotated[Path | None, typer.Option(
@@ -85,13 +88,25 @@ def optimize(
     instrument_batches: Annotated[int, typer.Option(help="Calibration batches in the instrumented pass")] = 4,
     prune_runs: Annotated[int, typer.Option(help="Verification runs spent dropping members of the set found")] = 2,
     progress: Annotated[bool, typer.Option(help="Show the search's progress bar")] = True,
+    min_psnr: Annotated[float, typer.Option(help="Diffusion entries: worst image PSNR (dB) against torch")] = 40.0,
+    repeats: Annotated[int, typer.Option(help="Diffusion entries: timed passes over the calibration set")] = 3,
 ) -> None:
-    """Convert a model to int8/fp16/bf16 on ONNX Runtime, keeping just the nodes that must stay FP32."""
+    """Convert a model to int8/fp16/bf16 on ONNX Runtime, keeping just the nodes that must stay FP32.
+
+    For a diffusion entry: measure its UNet on torch, ONNX Runtime and OpenVINO over whole requests
+    and choose the fastest runtime whose images stay within --min-psnr of torch's.
+    """
     from tandem.optimize.api import OptimizeOptions, optimize_onnx
     from tandem.optimize.types import Tolerance
 
     logging.basicConfig(level=logging.WARNING)
     from tandem.optimize.targets import TARGETS
+
+    diffusion = _diffusion_folder(src)
+    if diffusion is not None:
+        _optimize_diffusion(diffusion, calibration, out, target, threads, limit, repeats, min_psnr, min_speedup,
+                            write_entry, entry_name, progress)
+        return
 
     if check_error_stat not in ("mean", "median", "max"):
         raise typer.BadParameter("--check-error-stat must be mean, median or max")
@@ -129,3 +144,60 @@ def _write_entry(outcome: Outcome, source: Source, dest: Path, name: str | None)
     precision = outcome.out_dir / chosen / "precision.yaml" if outcome.chosen else None
     return write_entry(dest, name=name or dest.name, source_dir=source.entry_dir,
                        model_class=source.model_class, artefact=outcome.artefact, precision_yaml=precision)
+
+
+def _diffusion_folder(src: str) -> Path | None:
+    """The entry folder when `src` names a `kind: diffusion` entry, else None (the ONNX path handles it)."""
+    from tandem.config import load_model_config
+    from tandem.errors import ConfigError
+    from tandem.serving.repository import default_repository
+
+    path = Path(src)
+    folder = path if path.is_dir() else default_repository() / src
+    if path.suffix == ".onnx" or not (folder / "tandem.yaml").is_file():
+        return None
+    try:
+        return folder if load_model_config(folder).kind == "diffusion" else None
+    except ConfigError:
+        return None
+
+
+def _diffusion_table(outcome: DiffusionOutcome) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, title=f"{outcome.name}: UNet runtimes over {outcome.requests} whole "
+                                            f"requests, median of {outcome.repeats} passes")
+    for col in ("runtime", "verdict", "requests s", "vs torch", "worst PSNR dB"):
+        table.add_column(col, no_wrap=True)
+    for r in outcome.results:
+        if r.refused:
+            table.add_row(r.runtime, f"refused: {r.refused}", "-", "-", "-")
+            continue
+        verdict = "chosen" if r.runtime == outcome.chosen else "reference" if r.runtime == "torch" else \
+            "passed, slower" if r.passed else "MISSED parity"
+        db = "identical" if r.psnr_min == float("inf") else f"{r.psnr_min:.1f}"
+        table.add_row(r.runtime, verdict, f"{r.seconds:.2f}", f"{r.speedup:.2f}x", db)
+    return table
+
+
+def _optimize_diffusion(folder: Path, calibration: Path | None, out: Path, target: list[str] | None, threads: int,
+                        limit: int | None, repeats: int, min_psnr: float, min_speedup: float,
+                        write_entry: Path | None, entry_name: str | None, progress: bool) -> None:
+    from tandem.diffusion.optimize import CANDIDATES, optimize_diffusion, write_diffusion_entry
+    from tandem.optimize.entry import claim_folder
+
+    status = console.status("measuring the UNet on each runtime") if progress else contextlib.nullcontext()
+    try:
+        if write_entry:  # before minutes of measuring, not after
+            claim_folder(write_entry)
+        with status:
+            outcome = optimize_diffusion(folder, out, calibration=calibration, candidates=tuple(target or CANDIDATES),
+                                         threads=threads, repeats=repeats, min_psnr=min_psnr,
+                                         min_speedup=min_speedup, limit=limit)
+        console.print(_diffusion_table(outcome))
+        entry = write_diffusion_entry(write_entry, outcome, folder, entry_name or write_entry.name) \
+            if write_entry else None
+    except OptimizeError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    console.print(f"chosen: unet.runtime {outcome.chosen}; report {outcome.report}")
+    if entry is not None:
+        console.print(f"entry written: {entry} (serve it with `tandem serve {entry.parent}`)")

@@ -16,7 +16,7 @@ import yaml
 from tandem.errors import OptimizeError
 from tandem.model import Model
 
-__all__ = ["write_entry"]
+__all__ = ["claim_folder", "write_entry"]
 
 
 def _importable(cls: type[Model], source_dir: Path) -> str | None:
@@ -51,12 +51,17 @@ def _settings(source_dir: Path, name: str, artefact: str) -> dict[str, Any]:
     return settings
 
 
-def write_entry(dest: Path, *, name: str, source_dir: Path, model_class: type[Model], artefact: Path,
-                precision_yaml: Path | None) -> Path:
-    """Create `dest` (a model folder) serving `artefact`; refuses to overwrite a different entry."""
+def claim_folder(dest: Path) -> None:
+    """Create `dest` for a written entry: empty, or written by tandem optimize before; else a clear error."""
     if dest.exists() and any(dest.iterdir()) and not (dest / ".tandem-optimized").exists():
         raise OptimizeError(f"{dest} exists and was not written by tandem optimize; choose another folder")
     dest.mkdir(parents=True, exist_ok=True)
+
+
+def write_entry(dest: Path, *, name: str, source_dir: Path, model_class: type[Model], artefact: Path,
+                precision_yaml: Path | None) -> Path:
+    """Create `dest` (a model folder) serving `artefact`; refuses to overwrite a different entry."""
+    claim_folder(dest)
     shutil.copyfile(artefact, dest / "model.onnx")
     if precision_yaml is not None and precision_yaml.exists():
         shutil.copyfile(precision_yaml, dest / "precision.yaml")
