@@ -102,7 +102,6 @@ class _Decoder(threading.Thread):
         # every UNet call of the loop 2.5x slower on 2 CPUs (libgomp stops spinning at barriers once
         # it manages more threads than CPUs); the decode overlaps the denoising of other requests.
         torch.set_num_threads(1)
-        sockets: dict[int, zmq.Socket[Any]] = {}
         m, name = diffusion_metrics(), self.loop.entry.config.name
         while (f := self.jobs.get()) is not None:
             job = f.job
@@ -122,11 +121,7 @@ class _Decoder(threading.Thread):
                               rows_mean=job.rows_sum / max(1, job.step))
             msg = Images(model=self.loop.entry.uid, req_id=job.req_id, width=job.params.width,
                          height=job.params.height, n=job.params.n, pixels=pixels.tobytes(), timings=timings)
-            if job.front not in sockets:
-                sockets[job.front] = push_socket(self.loop.ctx, self.loop.layout.result_endpoint(job.front))
-            sockets[job.front].send(encoder.encode(msg))
-        for s in sockets.values():
-            s.close(linger=1000)
+            self.loop.send(job.front, encoder.encode(msg))
 
 
 class _Loop:
@@ -138,7 +133,11 @@ class _Loop:
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.tasks = self.ctx.socket(zmq.PULL)
         self.tasks.bind(layout.task_endpoint(entry.index, replica))
+        # One PUSH socket per front, shared by this loop and the decode thread (under `send_lock`), so that a
+        # request's messages reach its front in the order they were sent: from two sockets, the front's PULL
+        # fair-queues, and a request's Images could overtake its last step event (and its preview)
         self.results: dict[int, zmq.Socket[Any]] = {}
+        self.send_lock = threading.Lock()
         self.failed: queue.Queue[tuple[Job, str]] = queue.Queue()
         self.decoder = _Decoder(self)
         self.stopping = False
@@ -169,6 +168,9 @@ class _Loop:
                 self._clock(None)
         self.decoder.jobs.put(None)
         self.decoder.join(timeout=5)
+        with self.send_lock:
+            for sock in self.results.values():
+                sock.close(linger=1000)  # images decoded before the stop still go out
         self.ctx.destroy(linger=0)
 
     def _drain(self) -> None:
@@ -246,11 +248,16 @@ class _Loop:
             self._emit(items, front)
 
     def _emit(self, items: list[ImageEvent], front: int) -> None:
-        if front < 0:
-            return  # warm-up jobs
-        if front not in self.results:
-            self.results[front] = push_socket(self.ctx, self.layout.result_endpoint(front))
-        self.results[front].send(encoder.encode(ImageEvents(model=self.entry.uid, items=items)))
+        if front >= 0:  # < 0: warm-up jobs
+            self.send(front, encoder.encode(ImageEvents(model=self.entry.uid, items=items)))
+
+    def send(self, front: int, payload: bytes) -> None:
+        """Send to a front's result socket (from the loop or the decode thread)."""
+        with self.send_lock:
+            sock = self.results.get(front)
+            if sock is None:
+                sock = self.results[front] = push_socket(self.ctx, self.layout.result_endpoint(front))
+            sock.send(payload)
 
 
 def run_diffusion_worker(entry: ModelEntry, replica: int, layout: RunLayout, parent_pid: int, log_level: str) -> None:
