@@ -7,8 +7,10 @@ interval holds the user's compute, so transforms that fight the model for CPUs l
 
 Worker counts are tried upwards (0, 1, 2, 4, ..., max-1, max; max = the CPUs of this process's affinity divided
 by the local world size). The ladder stops at the first candidate that is clearly slower than the best so far
-(more workers fight the model for CPUs) or as soon as data_time is a negligible share of the step (more workers
-cannot help); a candidate must be `MARGIN` faster than the best to replace it, so ties go to fewer workers.
+(more workers fight the model for CPUs), or once data_time is a negligible share of the step and the candidate
+bought no step time over the best before it. data_time alone is not enough: on 2 CPUs the seed's 4 workers beat
+1 worker's step time while both waited on data under 3% of it (BENCHMARKS.md, training engine). A candidate must
+be `MARGIN` faster than the best to replace it, so ties go to fewer workers.
 When the loads are I/O-bound (wall time >> CPU time) the ladder continues past the CPU count. A winner that
 still waits on data is tried with prefetch_factor 4 against 2. Batch content never depends on these settings,
 so switching mid-epoch changes nothing the model sees. The trial takes about 10% of an epoch, within
@@ -165,6 +167,7 @@ class Tuner:
     def _finish(self, row: TrialRow) -> bool:
         self.rows.append(row)
         improved = self._best is None or row.step_time < self._best.step_time * (1 - MARGIN)
+        gained = improved and self._best is not None  # beat a measured rung: the step time has not flattened yet
         if improved:
             self._best = row
         best = self._best
@@ -173,7 +176,7 @@ class Tuner:
         # go on up while this candidate still waits on data and is not clearly worse than the best: with a
         # cheap step, 1 worker is no faster than 0 (the worker is the bottleneck) but 2 may halve the step
         worse = row.step_time > best.step_time * (1 + MARGIN)
-        if not self._prefetch_phase and not worse and row.data_share >= NEGLIGIBLE_DATA:
+        if not self._prefetch_phase and not worse and (row.data_share >= NEGLIGIBLE_DATA or gained):
             if not self._queue and not self._extended and self._io_bound():
                 # loads wait on I/O: workers beyond the CPU count overlap the waits
                 self._queue, self._extended = [2 * self._max, 4 * self._max], True

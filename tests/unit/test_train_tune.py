@@ -96,6 +96,20 @@ def test_negligible_data_time_stops_the_ladder_and_explicit_settings_skip_it() -
     assert fixed.chosen == LoaderSettings(3, 4, False, False)
 
 
+def test_a_rung_that_bought_step_time_goes_on_up_even_with_negligible_data_time() -> None:
+    """Workers can shorten the step after data_time is negligible (the seed's 4-worker case): measure, don't stop."""
+    share = {0: 0.4, 1: 0.01, 2: 0.01}
+    faster = Tuner(num_workers=None, prefetch_factor=2, persistent_workers=None, pin_memory=None, cuda=False,
+                   max_workers=2, budget=64)
+    _feed(faster, {0: 30.0, 1: 20.0, 2: 15.0}, share)
+    assert faster.chosen is not None and faster.chosen.num_workers == 2, faster.report()
+    flat = Tuner(num_workers=None, prefetch_factor=2, persistent_workers=None, pin_memory=None, cuda=False,
+                 max_workers=4, budget=64)
+    _feed(flat, {0: 30.0, 1: 20.0, 2: 19.5, 3: 15.0, 4: 15.0}, {**share, 3: 0.01, 4: 0.01})
+    assert [r.settings.num_workers for r in flat.rows] == [0, 1, 2]  # 2 bought nothing: stop there
+    assert flat.chosen is not None and flat.chosen.num_workers == 1  # and the tie goes to fewer workers
+
+
 def test_io_bound_loads_try_more_workers_than_cpus() -> None:
     tuner = Tuner(num_workers=None, prefetch_factor=2, persistent_workers=None, pin_memory=None, cuda=False,
                   max_workers=2, budget=64, io_bound=lambda: True)
