@@ -35,7 +35,6 @@ logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 LORA = ROOT / "examples" / "pipelines" / "lora.py"
-TINY_LLM = ROOT / "tandem" / "default_repo" / "tiny-llm"
 ADMIN_KEY = "bench-pipeline-admin-key"
 CACHED_RUNS = 3
 QUIET_S = 3.0   # seconds of load before and after the deploy
@@ -49,18 +48,12 @@ class _Server:
 
 
 def _entry(root: Path) -> Path:
-    """A repository with tiny-llm (adapters reverse and upper) whose runtime loads may read root/published."""
-    publish, entry = root / "published", root / "repo" / "tiny-llm"
-    publish.mkdir(parents=True)
-    entry.mkdir(parents=True)
-    adapters = TINY_LLM / "adapters"
-    (entry / "tandem.yaml").write_text(
-        "kind: llm\ncpu_workers: 1\ntimeout_s: 60\nllm:\n"
-        f"  path: {TINY_LLM / 'base'}\n  adapters: {{reverse: {adapters / 'reverse'}, upper: {adapters / 'upper'}}}\n"
-        f"  adapter_dirs: [{publish}]\n"
-        "  max_batch_size: 32\n  max_total_tokens: 64\n  max_loras: 4\n  max_lora_rank: 16\n"
-        "  default_max_new_tokens: 16\n")
-    return root / "repo"
+    """examples/pipelines/swapcase.py's repository: tiny-llm whose runtime loads may read root/published."""
+    sys.path.insert(0, str(LORA.parent))
+    import swapcase  # type: ignore[import-not-found]
+
+    repo, _ = swapcase.serving_repo(root)
+    return Path(repo)
 
 
 @contextmanager

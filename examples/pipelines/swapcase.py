@@ -4,6 +4,8 @@
     evaluate_adapter  greedy exact match of tiny-llm + the adapter on heldout.txt (PEFT, in process), and of the
                       base alone (which copies its input, so it should score about 0)
 
+    serving_repo      a model repository serving tiny-llm that the pipeline can deploy into (not a step)
+
 The task, tokenizer and generation come from examples/train/lora_swapcase.py; this module imports nothing heavy
 at import time, so the runner's `python -m tandem.pipeline.call` starts quickly.
 """
@@ -34,6 +36,30 @@ def example() -> ModuleType:
     sys.modules[name] = module   # its dataclasses resolve their module by name
     spec.loader.exec_module(module)
     return module
+
+
+def serving_repo(root: Path | str) -> tuple[Path, Path]:
+    """(repository, publish folder): tiny-llm with two shipped adapters, whose runtime loads may read `publish`.
+
+        tandem serve ROOT/repo --admin-key KEY    # then: tandem pipeline run lora.py --param adapter_dir=ROOT/published
+
+    A server loads adapters at run time only from its entry's llm.adapter_dirs (the built-in tiny-llm allows
+    its own adapters/ folder), so the pipeline publishes the trained adapter into that folder first.
+    """
+    from tandem.serving.repository import default_repository
+
+    root = Path(root)
+    tiny, publish, entry = default_repository() / "tiny-llm", root / "published", root / "repo" / "tiny-llm"
+    publish.mkdir(parents=True, exist_ok=True)
+    entry.mkdir(parents=True, exist_ok=True)
+    adapters = tiny / "adapters"
+    (entry / "tandem.yaml").write_text(
+        "kind: llm\ncpu_workers: 1\ntimeout_s: 60\nllm:\n"
+        f"  path: {tiny / 'base'}\n  adapters: {{reverse: {adapters / 'reverse'}, upper: {adapters / 'upper'}}}\n"
+        f"  adapter_dirs: [{publish}]\n"
+        "  max_batch_size: 32\n  max_total_tokens: 64\n  max_loras: 4\n  max_lora_rank: 16\n"
+        "  default_max_new_tokens: 16\n")
+    return root / "repo", publish
 
 
 def _word(rng: random.Random) -> str:

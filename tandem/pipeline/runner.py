@@ -10,7 +10,7 @@ the upstream values it reads and its code (a function's module file; every argv 
 the pipeline's folder; ``code:`` paths). Outputs are written to a scratch folder and renamed into
 ``HOME/artifacts/KEY`` only on success, so a step killed half-way leaves nothing that looks finished: after
 kill -9 of the runner, running the pipeline again takes every completed step from the cache and runs the
-interrupted one again. `retry` re-runs only the failed steps of a run.
+interrupted one again (and removes the dead runner's scratch folders). `retry` re-runs only the failed steps of a run.
 
 Failures are classified: ``code`` (non-zero exit, or a declared output not written), ``infra`` (killed by a
 signal: SIGKILL from the OOM killer or an operator, or the runner died), ``timeout``; ``retry.on`` picks which
@@ -40,11 +40,14 @@ from pathlib import Path
 from tandem.pipeline._hashing import cache_key, content_hash
 from tandem.pipeline.spec import ParamValue, Pipeline, PipelineError, Step, parse_condition, placeholders
 from tandem.pipeline.store import Store
+from tandem.serving._proc import pid_alive
 
-__all__ = ["RunResult", "StepFailed", "StepResult", "default_home", "new_run_id", "retry_run", "run_pipeline"]
+__all__ = ["RunResult", "StepFailed", "StepResult", "default_home", "new_run_id", "retry_run", "run_pipeline",
+           "sweep_scratch"]
 
 logger = logging.getLogger(__name__)
 _TAIL_BYTES = 4000
+SCRATCH = ".tmp-"  # HOME/artifacts/.tmp-PID-KEY-RANDOM: a step's outputs until they are renamed to HOME/artifacts/KEY
 
 
 class StepFailed(PipelineError):
@@ -288,7 +291,7 @@ class _Run:
         r.log = log
         while True:
             r.attempts += 1
-            scratch = self.home / "artifacts" / f".tmp-{key[:16]}-{uuid.uuid4().hex[:8]}"
+            scratch = self.home / "artifacts" / f"{SCRATCH}{os.getpid()}-{key[:16]}-{uuid.uuid4().hex[:8]}"
             paths = {"outputs": {a: scratch / "outputs" / a for a in step.outputs.artifacts},
                      "results": {p: scratch / "results" / p for p in step.outputs.params}}
             (scratch / "outputs").mkdir(parents=True)
@@ -453,6 +456,18 @@ def _size(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.exists() else 0
 
 
+def sweep_scratch(home: Path) -> list[Path]:
+    """Remove the scratch folders of runners that died mid-step (kill -9 leaves them); a live runner's stay."""
+    removed = []
+    for folder in (home / "artifacts").glob(f"{SCRATCH}*"):
+        pid = folder.name[len(SCRATCH):].split("-", 1)[0]
+        if pid.isdigit() and pid_alive(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
 def run_pipeline(pipe: Pipeline, params: dict[str, object] | None = None, home: Path | None = None, *,
                  run_id: str | None = None, trigger: str = "manual", file: str | None = None,
                  progress: Callable[[str], None] | None = None,
@@ -470,6 +485,7 @@ def run_pipeline(pipe: Pipeline, params: dict[str, object] | None = None, home: 
     say = progress or (lambda line: None)
     try:
         store.mark_orphans()
+        sweep_scratch(home)
         store.start_run(run_id, pipe.name, file, dict(values), trigger)
         run = _Run(pipe, values, home, run_id, store, say, reuse or {})
         t0 = time.monotonic()

@@ -12,6 +12,7 @@ repository API while a load generator sends images to the model -> smoke test; a
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -27,7 +28,7 @@ import pytest
 
 from tandem.pipeline.runner import RunResult, run_pipeline
 from tandem.pipeline.spec import load_pipeline
-from tests.conftest import ROOT, TINY_LLM, Server, start_server
+from tests.conftest import ROOT, Server, start_server
 
 EXAMPLES = ROOT / "examples" / "pipelines"
 ADMIN_KEY = "pipeline-admin-key"
@@ -119,22 +120,20 @@ def _failed(result: RunResult) -> str:
 
 
 # -- lora -------------------------------------------------------------------------------------------------------------
+def _example(name: str) -> Any:
+    """A module of examples/pipelines, imported by name."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(EXAMPLES))
+
+
 @pytest.fixture(scope="module")
 def llm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path]]:
     """tiny-llm with two shipped adapters; runtime loads may read the publish folder only; an admin key."""
-    root = tmp_path_factory.mktemp("lora-serve")
-    publish = root / "published"
-    publish.mkdir()
-    entry = root / "repo" / "tiny-llm"
-    entry.mkdir(parents=True)
-    adapters = TINY_LLM / "adapters"
-    (entry / "tandem.yaml").write_text(
-        "kind: llm\ncpu_workers: 1\ntimeout_s: 60\nllm:\n"
-        f"  path: {TINY_LLM / 'base'}\n  adapters: {{reverse: {adapters / 'reverse'}, upper: {adapters / 'upper'}}}\n"
-        f"  adapter_dirs: [{publish}]\n"
-        "  max_batch_size: 32\n  max_total_tokens: 64\n  max_loras: 4\n  max_lora_rank: 16\n"
-        "  default_max_new_tokens: 16\n")
-    srv = start_server(root / "repo", "--cpu-workers", "1", "--admin-key", ADMIN_KEY)
+    repo, publish = _example("swapcase").serving_repo(tmp_path_factory.mktemp("lora-serve"))
+    srv = start_server(repo, "--cpu-workers", "1", "--admin-key", ADMIN_KEY)
     yield srv, publish
     srv.stop()
 
@@ -265,11 +264,7 @@ def _first_version(repo: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import train_shapes
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    train_shapes = _example("train_shapes")
     torch.manual_seed(0)
     net = train_shapes._image_folder().SmallCNN(4, width=16)
     weights = repo.parent / "untrained.safetensors"

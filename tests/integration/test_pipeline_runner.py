@@ -201,10 +201,15 @@ def test_kill_9_of_the_runner_then_rerun_skips_completed_and_reruns_interrupted(
         time.sleep(0.05)
     assert not pid_alive(step_pid), "the step outlived its runner"
     killed = _last_run(home)
+    left = list((home / "artifacts").glob(".tmp-*"))
+    assert len(left) == 1, left  # the interrupted step's scratch
+    live = home / "artifacts" / f".tmp-{os.getpid()}-0123456789abcdef-00000000"  # a running runner's: kept
+    live.mkdir()
 
     raw["steps"][1]["command"] = ["sh", "-c", "cat {inputs.a} > {outputs.b}"]   # the fixed, quick version
     res = run_pipeline(from_dict(raw), None, home)
     assert res.steps["done-first"].status == "cached" and res.steps["long"].status == "succeeded"
+    assert list((home / "artifacts").glob(".tmp-*")) == [live]
     store = Store(home)
     try:
         old = store.run(killed)
