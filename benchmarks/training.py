@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -206,35 +207,37 @@ def part_precision(opts: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     return out
 
 
-def _torchrun(opts: argparse.Namespace, nproc: int, spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
+def _run_worker(launcher: list[str], spec: dict[str, Any], tmp: Path, env: dict[str, str] | None = None,
+                failure: Callable[[str], str] = lambda stderr: stderr[-500:]) -> dict[str, Any]:
+    """Run this script's worker under `launcher` (python, or torchrun) and return the JSON it writes."""
     out = tmp / f"worker-{time.monotonic_ns()}.json"
-    spec = {**spec, "out": str(out)}
-    threads = max(1, usable_cpus() // nproc)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(Path(__file__).resolve()), "--_worker", json.dumps(spec, default=str)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    cmd = [*launcher, str(Path(__file__).resolve()), "--_worker", json.dumps({**spec, "out": str(out)}, default=str)]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+                          capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
-        # the worker's own exception line, else torchrun's summary (a signal: a crash in native code)
-        errors = [ln.strip() for ln in proc.stderr.splitlines()
-                  if re.match(r"^(\[rank\d+\]: )?[\w.]*(Error|Exception): ", ln) and "ChildFailedError" not in ln]
-        summary = [ln.strip() for ln in proc.stderr.splitlines() if "exitcode" in ln or "Signal" in ln]
-        raise RuntimeError(f"torchrun failed ({proc.returncode}): " + " | ".join((errors[-1:] or []) + summary[-2:]))
-    result = json.loads(out.read_text())
+        raise RuntimeError(f"worker failed ({proc.returncode}): {failure(proc.stderr)}")
+    return dict(json.loads(out.read_text()))
+
+
+def _torchrun_failure(stderr: str) -> str:
+    """The worker's own exception line, else torchrun's summary (a signal: a crash in native code)."""
+    errors = [ln.strip() for ln in stderr.splitlines()
+              if re.match(r"^(\[rank\d+\]: )?[\w.]*(Error|Exception): ", ln) and "ChildFailedError" not in ln]
+    summary = [ln.strip() for ln in stderr.splitlines() if "exitcode" in ln or "Signal" in ln]
+    return "torchrun: " + " | ".join((errors[-1:] or []) + summary[-2:])
+
+
+def _torchrun(opts: argparse.Namespace, nproc: int, spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    threads = max(1, usable_cpus() // nproc)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    result = _run_worker(launcher, spec, tmp, {"OMP_NUM_THREADS": str(threads)}, _torchrun_failure)
     result["threads_per_process"] = threads
     return result
 
 
 def _own_process(spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
     """One run of this script's worker in a fresh process (no torchrun: one rank, no process group)."""
-    out = tmp / f"worker-{time.monotonic_ns()}.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker",
-           json.dumps({**spec, "out": str(out)}, default=str)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker failed ({proc.returncode}): {proc.stderr[-500:]}")
-    return json.loads(out.read_text())
+    return _run_worker([sys.executable], spec, tmp)
 
 
 def _ddp_missing() -> str | None:
