@@ -14,6 +14,7 @@ from tandem.bench.command import register as register_bench
 from tandem.config import ServerConfig, is_loopback
 from tandem.envs import (
     LORA_ADAPTERS,
+    TANDEM_ADAPTER_DIRS,
     TANDEM_ADMIN_KEY,
     TANDEM_API_KEY,
     TANDEM_CPU_WORKERS,
@@ -42,6 +43,13 @@ def parse_lora_adapters(spec: str | None) -> dict[str, str]:
             raise ConfigError(f"--lora-adapters: {part!r} is not name=path (fix: e.g. --lora-adapters sql=/ads/sql)")
         out[name.strip()] = path.strip()
     return out
+
+
+def _folder(path: Path, option: str) -> Path:
+    """An existing folder, absolute; a ConfigError naming the option otherwise."""
+    if not path.is_dir():
+        raise ConfigError(f"{option} {path}: not a folder (fix: create it, or pass an existing one)")
+    return path.resolve()
 
 
 def _secret(value: str | None) -> Any:
@@ -95,6 +103,9 @@ def serve(
         help="Key the mutating routes (adapter load/unload) need; default: the --api-key")] = None,
     insecure: Annotated[bool, typer.Option(
         help="Allow a non-loopback --host without --api-key (anyone reaching it can use every model)")] = False,
+    adapter_dir: Annotated[list[Path] | None, typer.Option(
+        "--adapter-dir", help="A folder every LLM's runtime adapter loads (POST /v1/load_lora_adapter) may also "
+                              "read, beside its llm.adapter_dirs (repeatable)")] = None,
     model_control: Annotated[Literal["none", "explicit", "poll"], typer.Option(
         help="none: serve what is there at start; explicit: /v2/repository load/unload; poll: also reload "
              "models whose folder changed")] = "explicit",
@@ -112,6 +123,8 @@ def serve(
                               insecure=insecure, model_control=model_control)
         for name in (TANDEM_API_KEY, TANDEM_ADMIN_KEY):  # keys travel in ServerConfig; model code never sees them
             os.environ.pop(name, None)
+        if adapter_dir:  # read by the LLM kind's clients in the front processes this starts
+            os.environ[TANDEM_ADAPTER_DIRS] = os.pathsep.join(str(_folder(d, "--adapter-dir")) for d in adapter_dir)
         kinds = builtin_kinds()
         folder = repo or default_repository() if repo or not llm else None
         entries = scan_repository(folder, kinds) if folder is not None else []

@@ -7,7 +7,7 @@ import os
 __all__ = ["TANDEM_HOST", "TANDEM_PORT", "TANDEM_CPU_WORKERS", "TANDEM_SHM_DIR", "TANDEM_LOG_LEVEL",
            "TANDEM_DRAIN_TIMEOUT_S", "TANDEM_API_KEY", "TANDEM_ADMIN_KEY", "LORA_ADAPTERS", "env_str",
            "TANDEM_CACHE_DIR", "cache_dir", "shm_dir", "TANDEM_PIPELINE_HOME", "TANDEM_PIPELINE_KEY",
-           "TANDEM_TRAIN_TIMEOUT_S"]
+           "TANDEM_TRAIN_TIMEOUT_S", "TANDEM_ADAPTER_DIRS", "extra_adapter_dirs"]
 
 
 def env_str(name: str, default: str | None = None) -> str | None:
@@ -43,6 +43,9 @@ TANDEM_TRAIN_TIMEOUT_S = "TANDEM_TRAIN_TIMEOUT_S"
 
 # Adapters of `tandem serve --llm` loaded at start, "name=path,name=path" (same name as TGI's variable).
 LORA_ADAPTERS = "LORA_ADAPTERS"
+# Folders (os.pathsep-separated, absolute) that every LLM entry's runtime adapter loads may also read,
+# beside its own llm.adapter_dirs; `tandem serve --adapter-dir DIR` sets it for the processes it starts.
+TANDEM_ADAPTER_DIRS = "TANDEM_ADAPTER_DIRS"
 
 
 def shm_dir() -> str:
@@ -51,3 +54,7 @@ def shm_dir() -> str:
 
 def cache_dir() -> str:
     return env_str(TANDEM_CACHE_DIR) or os.path.join(os.path.expanduser("~"), ".cache", "tandem")
+
+
+def extra_adapter_dirs() -> list[str]:
+    return [d for d in (env_str(TANDEM_ADAPTER_DIRS) or "").split(os.pathsep) if d]

@@ -16,8 +16,8 @@ Runs daily at 03:00 UTC once scheduled (`tandem pipeline schedule`); by hand:
 
 A server whose tiny-llm reads adapters from such a folder: `python -c "import swapcase;
 swapcase.serving_repo('/srv/tandem')"` in this folder writes /srv/tandem/repo (serve it) and
-/srv/tandem/published (the adapter_dir). The built-in repository's tiny-llm (`make serve`) loads
-adapters at run time only from its own adapters/ folder.
+/srv/tandem/published (the adapter_dir). Or serve the built-in repository with one more allowed folder:
+`tandem serve --adapter-dir /srv/adapters`, then `--param adapter_dir=/srv/adapters`.
 
 Settings: 200 steps x 40 at lr 4e-3 reach >= 0.98 held-out accuracy on seeds 0-3 (fewer samples fall off a cliff:
 160 x 40 gave 0.01-0.93). One thread: the model is too small to split its ops, and on a busy 2-core machine two

@@ -43,8 +43,8 @@ def serving_repo(root: Path | str) -> tuple[Path, Path]:
 
         tandem serve ROOT/repo --admin-key KEY    # then: tandem pipeline run lora.py --param adapter_dir=ROOT/published
 
-    A server loads adapters at run time only from its entry's llm.adapter_dirs (the built-in tiny-llm allows
-    its own adapters/ folder), so the pipeline publishes the trained adapter into that folder first.
+    A server loads adapters at run time only from its entry's llm.adapter_dirs and `tandem serve --adapter-dir`
+    folders, so the pipeline publishes the trained adapter into such a folder first.
     """
     from tandem.serving.repository import default_repository
 

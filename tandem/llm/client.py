@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import zmq.asyncio
 
+from tandem.envs import extra_adapter_dirs
 from tandem.errors import ErrorKind, InvalidInput, Overloaded, RequestTimeout, TooManyTokens, error_for
 from tandem.llm.messages import AdapterOp, AdapterReply, Cancel, Generate, TokenItem, Tokens
 from tandem.llm.metrics import llm_metrics
@@ -107,7 +108,8 @@ class LLMClient:
         self.replicas = ReplicaSet(ctx, endpoints, entry.key)
         self.streams: dict[int, Generation] = {}
         self.ops: dict[int, asyncio.Future[AdapterReply]] = {}
-        self.adapter_dir_names = cfg.adapter_dirs or sorted({str(Path(p).parent) for p in cfg.adapters.values()})
+        own = cfg.adapter_dirs or sorted({str(Path(p).parent) for p in cfg.adapters.values()})
+        self.adapter_dir_names = [*own, *(d for d in extra_adapter_dirs() if d not in own)]  # + serve --adapter-dir
         self.adapter_dirs = [cfg.resolve(entry.config.path, d) for d in self.adapter_dir_names]
 
     @property
@@ -177,7 +179,8 @@ class LLMClient:
         resolved = (p if p.is_absolute() else self.adapter_dirs[0] / p).resolve() if self.adapter_dirs else None
         if resolved is None or not any(resolved.is_relative_to(d) for d in self.adapter_dirs):
             # as configured (relative to the entry's folder where so written): no server layout leaks
-            allowed = ", ".join(self.adapter_dir_names) or "none configured (set llm.adapter_dirs)"
+            allowed = ", ".join(self.adapter_dir_names) or \
+                "none configured (set llm.adapter_dirs, or start with tandem serve --adapter-dir DIR)"
             raise InvalidInput(f"lora_path {path!r} is outside the allowed adapter directories: {allowed}")
         return resolved
 
