@@ -46,3 +46,14 @@ def test_every_builtin_kind_implements_the_interface() -> None:
         for attr in ("entry", "arena_bytes", "worker", "client", "routes", "describe"):
             assert callable(getattr(kind, attr)), (name, attr)
         assert all(hasattr(t, "__struct_fields__") and "model" in t.__struct_fields__ for t in kind.messages)
+
+
+def test_a_function_step_starts_without_numpy() -> None:
+    """`import tandem.<sub>` must not load the public API's numpy (pipeline function steps pay it per step)."""
+    import subprocess
+    import sys
+
+    code = "import sys, tandem.pipeline.call; assert 'numpy' not in sys.modules, 'numpy was imported'; " \
+           "from tandem import Model; assert 'numpy' in sys.modules and Model.__module__ == 'tandem.model'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
