@@ -94,12 +94,15 @@ def _bodies(entry_dir: Path, cfg: DiffusionConfig, calibration: Path | None) -> 
     path = calibration or entry_dir / "calibration.jsonl"
     if calibration is None and not path.exists():
         buckets = cfg.buckets()
-        return [(f"default prompt {i + 1}", {"prompt": p, "parameters": {"width": w, "height": h}})
-                for i, (p, (w, h)) in enumerate(zip(DEFAULT_PROMPTS, buckets * len(DEFAULT_PROMPTS)))]
+        sizes = [buckets[i % len(buckets)] for i in range(max(len(DEFAULT_PROMPTS), len(buckets)))]
+        return [(f"default prompt {i + 1}", {"prompt": DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)],
+                                             "parameters": {"width": w, "height": h}})
+                for i, (w, h) in enumerate(sizes)]
     out = []
     for i, request in enumerate(load_requests(path)):
-        try:
-            out.append((f"calibration request {i + 1} of {path}", json.loads(request.body)))
+        try:  # JSONL lines come parsed; a folder's files are raw bodies
+            out.append((f"calibration request {i + 1} of {path}",
+                        request.json if request.json is not None else json.loads(request.body)))
         except ValueError as e:
             raise OptimizeError(f"calibration request {i + 1} of {path}: not a JSON body: {e}") from None
     return out
