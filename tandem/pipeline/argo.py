@@ -48,7 +48,13 @@ Schedules: a CronWorkflow takes ``schedules: [...]`` (Argo v4; ``schedule`` is g
 pipeline whose schedules use several zones must be split into one pipeline per zone. ``concurrencyPolicy: Forbid``
 matches `tandem pipeline schedule`'s default.
 
-`submit` needs an Argo server URL and token and goes through Hera's `WorkflowsService` (not testable offline).
+`submit` goes through Hera's `WorkflowsService` to the Argo server's REST API. It reads the argo CLI's own
+settings, so a shell set up for ``argo submit`` works unchanged: ``ARGO_SERVER`` as ``host:port`` (or a full
+URL), ``ARGO_SECURE`` (default true: https), ``ARGO_BASE_HREF`` (a server behind a proxy sub-path),
+``ARGO_INSECURE_SKIP_VERIFY``, ``ARGO_TOKEN`` (``argo auth token`` prints it with its ``Bearer`` prefix; a bare
+token gets one) and ``ARGO_NAMESPACE``. Refusals (401/403, an existing name, a manifest the server rejects, an
+unreachable host) become a `PipelineError` saying what to fix. Tests drive it over HTTP against a stand-in that
+speaks the server's create endpoints; no real cluster is reachable from CI.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ import logging
 import math
 import re
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from hera.workflows import (
     DAG,
@@ -79,7 +86,8 @@ from tandem.pipeline.spec import Pipeline, PipelineError, Step, parse_condition,
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["INFRA", "ROOT", "dag_edges", "depends_names", "export", "retry_expression", "submit", "to_yaml"]
+__all__ = ["INFRA", "ROOT", "dag_edges", "depends_names", "export", "retry_expression", "server_url", "submit",
+           "to_yaml"]
 
 Kind = Literal["workflow", "cron", "template"]
 ROOT = "/tmp/tandem"   # noqa: S108  (a path inside the step's container, not on this machine)
@@ -338,31 +346,82 @@ def dag_edges(manifest: dict[str, Any]) -> set[tuple[str, str]]:
     return edges
 
 
+def server_url(server: str, *, secure: bool = True, base_href: str = "") -> str:
+    """The Argo server's base URL, ending in ``/`` (so API paths join under a proxy sub-path).
+
+    ``server`` is the argo CLI's ``ARGO_SERVER``: ``host:port`` (https unless ``secure`` is false) or a full
+    ``http(s)://`` URL. ``base_href`` is its ``ARGO_BASE_HREF``.
+    """
+    server = server.strip()
+    if not server:
+        raise PipelineError("ARGO_SERVER is empty: set it to host:port (as for the argo CLI) or https://host:port")
+    if "://" in server and not server.startswith(("http://", "https://")):
+        raise PipelineError(f"ARGO_SERVER {server!r}: the scheme must be http or https")
+    url = urlsplit(server if "://" in server else ("https://" if secure else "http://") + server)
+    parts = [p for p in (url.path + "/" + base_href).split("/") if p]
+    return f"{url.scheme}://{url.netloc}/" + "".join(p + "/" for p in parts)
+
+
+_REFUSALS = {
+    400: "the server rejected the manifest (check the message; `tandem pipeline export` lints it offline)",
+    401: "not authenticated: set ARGO_TOKEN (`argo auth token` prints one)",
+    403: "the token may not create this kind in this namespace: check its role, or set ARGO_NAMESPACE",
+    404: "no such endpoint or namespace: check ARGO_SERVER, ARGO_BASE_HREF and ARGO_NAMESPACE",
+    409: "a resource with this name already exists: delete it (argo delete / argo cron delete / "
+         "argo template delete) or rename the pipeline",
+}
+
+
 def submit(manifest: dict[str, Any], host: str, token: str | None, namespace: str,
            verify_ssl: bool = True) -> str:
-    """Create `manifest` on the Argo server at `host` (``https://argo.example:2746``); returns the created name.
+    """Create `manifest` on the Argo server at `host` (a `server_url`); returns the created name.
 
     Uses Hera's `WorkflowsService`: create_workflow, create_cron_workflow or create_workflow_template by kind.
+    A refusal or an unreachable server is a `PipelineError` naming the status and the fix.
     """
+    import requests
+    from hera.exceptions import HeraException
+
+    kind = manifest.get("kind")
+    if kind not in ("Workflow", "CronWorkflow", "WorkflowTemplate"):
+        raise PipelineError(f"cannot submit kind {kind!r}: Workflow, CronWorkflow or WorkflowTemplate", field="kind")
+    if not host.startswith(("http://", "https://")):
+        raise PipelineError(f"Argo server {host!r} needs an http:// or https:// scheme (see server_url)")
+    try:
+        name = _create(manifest, kind, host, token, namespace, verify_ssl)
+    except HeraException as exc:
+        status = getattr(exc, "status_code", None) or _status_of(str(exc))
+        hint = _REFUSALS.get(status or 0, "")
+        raise PipelineError(f"Argo server {host} refused the {kind}: {exc}" + (f"; {hint}" if hint else "")) \
+            from None
+    except requests.RequestException as exc:
+        raise PipelineError(f"cannot reach the Argo server at {host}: {type(exc).__name__}: {exc}; check "
+                            "ARGO_SERVER, ARGO_SECURE (http or https) and ARGO_INSECURE_SKIP_VERIFY") from None
+    logger.info("submitted %s %s to %s (namespace %s)", kind, name, host, namespace)
+    return name
+
+
+def _status_of(message: str) -> int | None:
+    match = re.search(r"status code (\d{3})", message)
+    return int(match.group(1)) if match else None
+
+
+def _create(manifest: dict[str, Any], kind: str, host: str, token: str | None, namespace: str,
+            verify_ssl: bool) -> str:
     from hera.workflows import WorkflowsService
     from hera.workflows.models import CreateCronWorkflowRequest, WorkflowCreateRequest, WorkflowTemplateCreateRequest
     from hera.workflows.models import CronWorkflow as CronModel
     from hera.workflows.models import Workflow as WorkflowModel
     from hera.workflows.models import WorkflowTemplate as TemplateModel
 
-    service = WorkflowsService(host=host, token=token, namespace=namespace, verify_ssl=verify_ssl)
-    kind = manifest.get("kind")
-    if kind == "Workflow":
-        created: Any = service.create_workflow(
-            WorkflowCreateRequest(workflow=WorkflowModel.model_validate(manifest)), namespace=namespace)
-    elif kind == "CronWorkflow":
-        created = service.create_cron_workflow(
-            CreateCronWorkflowRequest(cron_workflow=CronModel.model_validate(manifest)), namespace=namespace)
-    elif kind == "WorkflowTemplate":
-        created = service.create_workflow_template(
-            WorkflowTemplateCreateRequest(template=TemplateModel.model_validate(manifest)), namespace=namespace)
-    else:
-        raise PipelineError(f"cannot submit kind {kind!r}: Workflow, CronWorkflow or WorkflowTemplate", field="kind")
-    name = str(created.metadata.name)
-    logger.info("submitted %s %s to %s (namespace %s)", kind, name, host, namespace)
-    return name
+    with WorkflowsService(host=host, token=token, namespace=namespace, verify_ssl=verify_ssl) as service:
+        if kind == "Workflow":
+            created: Any = service.create_workflow(
+                WorkflowCreateRequest(workflow=WorkflowModel.model_validate(manifest)), namespace=namespace)
+        elif kind == "CronWorkflow":
+            created = service.create_cron_workflow(
+                CreateCronWorkflowRequest(cron_workflow=CronModel.model_validate(manifest)), namespace=namespace)
+        else:
+            created = service.create_workflow_template(
+                WorkflowTemplateCreateRequest(template=TemplateModel.model_validate(manifest)), namespace=namespace)
+    return str(created.metadata.name)

@@ -13,7 +13,7 @@ import sys
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -220,11 +220,28 @@ def export(
         out.write_text(text)
         typer.echo(f"wrote {manifest['kind']} {out}", err=True)
     if submit:
-        host, token = os.environ.get("ARGO_SERVER"), os.environ.get("ARGO_TOKEN")
-        if not host:
-            raise _fail("--submit needs ARGO_SERVER (https://argo.example:2746) and usually ARGO_TOKEN")
-        name = argo.submit(manifest, host, token, namespace or os.environ.get("ARGO_NAMESPACE", "argo"))
+        try:
+            name = _submit(manifest, namespace)
+        except PipelineError as exc:
+            raise _fail(str(exc)) from None
         typer.echo(f"submitted {manifest['kind']} {name}", err=True)
+
+
+def _submit(manifest: dict[str, Any], namespace: str | None) -> str:
+    """Submit with the argo CLI's environment (ARGO_SERVER, ARGO_SECURE, ARGO_BASE_HREF, ARGO_TOKEN, ...)."""
+    from tandem.pipeline import argo
+    from tandem.pipeline.spec import PipelineError
+
+    env = os.environ
+    if not env.get("ARGO_SERVER"):
+        raise PipelineError("--submit needs ARGO_SERVER (host:port as for the argo CLI, or https://host:port) "
+                            "and usually ARGO_TOKEN")
+    truthy = ("1", "true", "yes", "on")
+    host = argo.server_url(env["ARGO_SERVER"], secure=env.get("ARGO_SECURE", "true").lower() in truthy,
+                           base_href=env.get("ARGO_BASE_HREF", ""))
+    verify = env.get("ARGO_INSECURE_SKIP_VERIFY", "false").lower() not in truthy
+    return argo.submit(manifest, host, env.get("ARGO_TOKEN") or None,
+                       namespace or env.get("ARGO_NAMESPACE", "argo"), verify_ssl=verify)
 
 
 def schedule(

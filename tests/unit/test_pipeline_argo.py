@@ -299,30 +299,7 @@ def test_lint_rejects_unknown_kind() -> None:
         validate_manifest({"kind": "Pod", "spec": {}})
 
 
-# submit and the CLI -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("kind", "method"), [("workflow", "create_workflow"), ("cron", "create_cron_workflow"),
-                                              ("template", "create_workflow_template")])
-def test_submit_calls_the_right_service_method(kind: str, method: str, manifests: dict[str, dict[str, Any]],
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from hera.workflows import WorkflowsService
-
-    calls: list[tuple[str, Any, str | None]] = []
-
-    def fake(name: str) -> Any:
-        def call(self: WorkflowsService, req: Any, namespace: str | None = None) -> Any:
-            calls.append((name, req, namespace))
-            body = next(getattr(req, f) for f in ("workflow", "cron_workflow", "template") if hasattr(req, f))
-            body.metadata.name = body.metadata.name or "lora-abc12"
-            return body
-        return call
-
-    for name in ("create_workflow", "create_cron_workflow", "create_workflow_template"):
-        monkeypatch.setattr(WorkflowsService, name, fake(name))
-    name = argo.submit(manifests[kind], "https://argo.example:2746", "secret", "ml")
-    assert [c[0] for c in calls] == [method] and calls[0][2] == "ml"
-    assert name == ("lora-abc12" if kind == "workflow" else "lora")
-
-
+# the CLI (submission over HTTP: tests/integration/test_pipeline_argo_submit.py) ---------------------------------
 def _write_pipeline(tmp_path: Path) -> Path:
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump({
