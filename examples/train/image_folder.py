@@ -209,6 +209,7 @@ def train(args: argparse.Namespace, loader_kwargs: dict[str, Any] | None = None,
     result = {"val_accuracy": accuracy, "train_seconds": train_s, "summary": summary,
               "summary_all": summary_all,
               "first_step_time": records[0].time if records else None,
+              "compiler_seconds": _compiler_seconds() if args.compile else None,
               "loader_settings": None if loader.settings is None else vars(loader.settings),
               "tune_report": loader.tune_report, "checkpoint": None if checkpoint is None else str(checkpoint),
               "world_size": trainer.world_size, "rank": trainer.rank,
@@ -219,6 +220,12 @@ def train(args: argparse.Namespace, loader_kwargs: dict[str, Any] | None = None,
         if loader.tune_report:
             logger.info("%s", loader.tune_report)
     return result
+
+
+def _compiler_seconds() -> float:
+    from tandem.train.compile import compiler_seconds
+
+    return compiler_seconds()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -18,7 +18,7 @@ _EXPORTS = {
     "Diagnosis": "tandem.train.diagnose", "diagnose": "tandem.train.diagnose",
     "CommOptions": "tandem.train.distributed", "DistEnv": "tandem.train.distributed",
     "RecompileError": "tandem.train.compile", "compile_module": "tandem.train.compile",
-    "compile_stats": "tandem.train.compile",
+    "compile_stats": "tandem.train.compile", "compiler_seconds": "tandem.train.compile",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -30,7 +30,7 @@ from tandem.errors import TandemError
 logger = logging.getLogger(__name__)
 
 __all__ = ["CompiledRegion", "RecompileDetector", "RecompileError", "RegionStats", "compile_module",
-           "compile_stats", "reset_compile_stats"]
+           "compile_stats", "compiler_seconds", "reset_compile_stats"]
 
 _STANCE_MESSAGE = "Detected recompile when torch.compile stance is 'fail_on_recompile'"
 
@@ -70,6 +70,28 @@ def compile_stats() -> dict[str, dict[str, Any]]:
     """Per-region statistics of every region compile_module() made in this process."""
     with _LOCK:
         return {name: stats.as_dict() for name, stats in _REGIONS.items()}
+
+
+# dynamo's own timers (torch._dynamo.utils.compile_times): a frame's whole compile (tracing, AOTAutograd and
+# the backend's forward graph), and the backward graphs AOTAutograd compiles lazily, at the first backward
+_COMPILER_TIMERS = ("_compile.compile_inner", "compile_fx.<locals>.bw_compiler")
+
+
+def compiler_seconds() -> float:
+    """Seconds this process has spent in torch.compile's compiler: every frame dynamo compiled (first compiles,
+    graph breaks, recompiles) plus lazily compiled backward graphs, as dynamo times them.
+
+    Unlike a region's ``compile_s`` (the first call's wall time), it holds no run time, and unlike a first-step
+    difference it holds no data loading. A warm inductor cache (``TORCHINDUCTOR_CACHE_DIR``, kept across
+    processes) makes it several times smaller than a cold one.
+    """
+    from torch._dynamo.utils import compile_times
+
+    timed = compile_times(repr="csv", aggregate=True)
+    if not isinstance(timed, tuple):
+        return 0.0
+    values = dict(zip(*timed, strict=True))
+    return sum(float(values[k]) for k in _COMPILER_TIMERS if k in values)
 
 
 def reset_compile_stats() -> None:

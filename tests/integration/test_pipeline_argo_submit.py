@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import secrets
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from tandem.cli import app
 from tandem.pipeline import argo
 from tandem.pipeline.spec import PipelineError
 from tests.conftest import free_port
+from tests.http_stub import JSONHandler, serving
 from tests.unit.test_pipeline_argo import KINDS, _write_pipeline, lora
 
 TOKEN = "v2:abc.def"
@@ -39,56 +38,38 @@ class StandIn:
     stored: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
 
 
-def _handler(state: StandIn) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: Any) -> None:
-            pass
-
-        def _answer(self, status: int, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
+def _handler(state: StandIn) -> type[JSONHandler]:
+    class Handler(JSONHandler):
         def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            body = self.read_json()
             state.received.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
             parts = self.path.removeprefix(state.prefix).strip("/").split("/")
             if parts[:2] != ["api", "v1"] or len(parts) != 4 or parts[2] not in ENDPOINTS:
-                return self._answer(404, {"code": 5, "message": "Not Found"})
+                return self.send_json(404, {"code": 5, "message": "Not Found"})
             if self.headers.get("Authorization") != f"Bearer {TOKEN}":
-                return self._answer(401, {"code": 16, "message": "token not valid. see https://argo-workflows."
+                return self.send_json(401, {"code": 16, "message": "token not valid. see https://argo-workflows."
                                                                  "readthedocs.io/en/latest/faq/"})
             resource, namespace = parts[2], parts[3]
             obj = body.get(ENDPOINTS[resource])
             if not isinstance(obj, dict) or obj.get("kind") != KIND_OF[resource]:
-                return self._answer(400, {"code": 3, "message": f"{ENDPOINTS[resource]} is required"})
+                return self.send_json(400, {"code": 3, "message": f"{ENDPOINTS[resource]} is required"})
             meta = obj.setdefault("metadata", {})
             if not meta.get("name"):
                 meta["name"] = meta["generateName"] + secrets.token_hex(3)[:5]
             key = (resource, namespace, meta["name"])
             if key in state.stored:
-                return self._answer(409, {"code": 6, "message": f'{resource}.argoproj.io "{meta["name"]}" '
+                return self.send_json(409, {"code": 6, "message": f'{resource}.argoproj.io "{meta["name"]}" '
                                                                 "already exists"})
             meta["namespace"] = namespace
             state.stored[key] = obj
-            return self._answer(200, obj)
+            return self.send_json(200, obj)
 
     return Handler
 
 
 def _serve(prefix: str) -> Iterator[StandIn]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state := StandIn("", prefix)))
-    state.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(_handler(state := StandIn("", prefix))) as state.url:
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture

@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from tandem.pipeline import deploy, templates
 from tandem.pipeline.evaluate import main as evaluate_main
 from tandem.pipeline.evaluate import read_metrics, write_metrics
 from tandem.pipeline.spec import Param, Pipeline, PipelineError, Resources, load_pipeline
+from tests.http_stub import JSONHandler, serving
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "pipelines"
@@ -179,85 +178,69 @@ class Fake:
     fail_load: bool = False
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(JSONHandler):
     """The routes deploy.py calls, with Tandem's keys (admin, API) and statuses."""
 
     fake: Fake
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-    def _send(self, status: int, body: Any) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
     def _auth(self, admin: bool) -> bool:
         key = self.headers.get("Authorization", "").removeprefix("Bearer ")
         if key == ADMIN or (key == API and not admin):
             return True
-        self._send(403 if key == API else 401, {"error": "invalid API key"})
+        self.send_json(403 if key == API else 401, {"error": "invalid API key"})
         return False
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         self.fake.calls.append(("GET", self.path, None))
         parts = self.path.strip("/").split("/")
         if self.path.startswith("/v2/models/") and parts[-1] == "ready":
-            self._send(200 if self.fake.versions.get(parts[4]) == "READY" else 400, {})
+            self.send_json(200 if self.fake.versions.get(parts[4]) == "READY" else 400, {})
         elif self.path == "/v1/models":
-            self._send(200, {"data": [{"id": a} for a in sorted(self.fake.adapters | {"base"})]})
+            self.send_json(200, {"data": [{"id": a} for a in sorted(self.fake.adapters | {"base"})]})
         else:
-            self._send(200, {"ok": True})
+            self.send_json(200, {"ok": True})
 
     def do_POST(self) -> None:  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"null")
+        body = self.read_json()
         self.fake.calls.append(("POST", self.path, body))
         route = "load" if self.path.startswith("/v2/repository/models/") else self.path
         getattr(self, "_" + route.strip("/").replace("/", "_"))(body)
 
     def _v1_load_lora_adapter(self, body: Any) -> None:
         if self._auth(admin=True) and not body.get("lora_name"):
-            self._send(400, {"error": "lora_name must be a non-empty string"})
+            self.send_json(400, {"error": "lora_name must be a non-empty string"})
         elif self._auth(admin=True):
             self.fake.adapters.add(body["lora_name"])
-            self._send(200, {"status": "loaded", "lora_name": body["lora_name"], "load_ms": 1.5})
+            self.send_json(200, {"status": "loaded", "lora_name": body["lora_name"], "load_ms": 1.5})
 
     def _v1_completions(self, body: Any) -> None:
         known = body["model"] in self.fake.adapters | {"base"}
-        self._send(200 if known else 404, {"model": body["model"]} if known else {"error": "unknown"})
+        self.send_json(200 if known else 404, {"model": body["model"]} if known else {"error": "unknown"})
 
     def _v2_repository_index(self, body: Any) -> None:
-        self._send(200, [{"name": "m", "version": v, "state": s} for v, s in self.fake.versions.items()])
+        self.send_json(200, [{"name": "m", "version": v, "state": s} for v, s in self.fake.versions.items()])
 
     def _load(self, body: Any) -> None:
         if not self._auth(admin=True):
             return
         if self.fake.fail_load:
-            self._send(400, {"error": "model 'm' failed to load: boom"})
+            self.send_json(400, {"error": "model 'm' failed to load: boom"})
         else:
             self.fake.versions = {"2": "READY"}
-            self._send(200, {})
+            self.send_json(200, {})
 
     def _echo(self, body: Any) -> None:
         if self._auth(admin=False):
-            self._send(200, {"echo": body})
+            self.send_json(200, {"echo": body})
 
 
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[Fake]:
     state = Fake()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), type("Bound", (Handler,), {"fake": state}))
-    state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    monkeypatch.setenv("TANDEM_ADMIN_KEY", ADMIN)
-    monkeypatch.setenv("TANDEM_PIPELINE_STEP", "deploy")
-    yield state
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(type("Bound", (Handler,), {"fake": state})) as state.url:
+        monkeypatch.setenv("TANDEM_ADMIN_KEY", ADMIN)
+        monkeypatch.setenv("TANDEM_PIPELINE_STEP", "deploy")
+        yield state
 
 
 def _adapter(folder: Path, weights: bytes = b"w") -> Path:

@@ -64,3 +64,22 @@ def test_checkpoints_of_a_model_with_a_compiled_part_keep_eager_keys() -> None:
     assert model.state_dict().keys() == eager.state_dict().keys()
     model.load_state_dict(eager.state_dict())
     torch.testing.assert_close(model.state_dict()["0.weight"], eager[0].weight)
+
+
+class _Timed(nn.Linear):
+    pass
+
+
+def test_compiler_seconds_counts_compiles_and_not_calls() -> None:
+    from tandem.train.compile import compiler_seconds
+
+    before = compiler_seconds()
+    region = compile_module(_Timed(64, 64), name="timed-t5", backend="aot_eager", dynamic=False)
+    region(torch.randn(8, 64)).sum().backward()
+    first = compiler_seconds()
+    assert 0 < first - before <= compile_stats()["timed-t5"]["compile_s"]   # the compile, within the first call
+    for _ in range(3):
+        region(torch.randn(8, 64)).sum().backward()
+    assert compiler_seconds() == first                                     # cached graph: nothing compiled
+    region(torch.randn(9, 64))
+    assert compiler_seconds() > first                                      # a recompile is counted
