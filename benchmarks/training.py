@@ -12,18 +12,23 @@ Parts (--parts, comma-separated; default all):
                tandem/naive (goal >= 1.5x) and tandem/hand-tuned (goal >= 0.97x), data_time < 5% of step time
     precision  bf16-mixed vs fp32, and compile vs eager: the model step alone (batches already decoded, in
                memory), so the data pipeline does not hide the compute; compile seconds apart from steady state,
-               from dynamo's own timers, with a cold inductor cache and again warm
+               from dynamo's own timers, with a cold inductor cache and again warm. The compile pair runs in
+               its own processes with the usable CPUs as threads (the threads column), the in-process rows
+               with --threads
     ddp        2 processes vs 1 on the same global batch, through torchrun (gloo on CPU), threads per process
                stated: cpus // processes each
     comm       DDP comm options A/B on 2 processes (bucket_cap_mb, fp16/bf16 compression, PowerSGD): step time;
                allreduce bandwidth against message size (tandem.train.distributed.all_reduce_bandwidth)
     placement  why loader rows differ between in-process and fresh-process runs: the naive loader on the JPEG
                folder and the model step alone (in-memory batches), each run in this process and in a fresh
-               one, alternating over 3 rounds; step, data and compute (step - data) ms, median per variant
+               one, alternating over 3 rounds (--rounds); step, data and compute (step - data) ms, median per
+               variant
 
 All four loaders are tandem.train.Loader with explicit settings (explicit values skip the trial), so each is
 timed by the same clock; only "tandem" leaves them "auto". Each loader run is a fresh process, the four
-interleaved over 2 rounds, best of 2 reported (in one process the model step slowed from run to run).
+interleaved over 2 rounds (--rounds), the best round reported. Fresh processes and in-process runs measure the
+same within noise (the placement part: medians 2-8% apart, each variant spreading 30-40% between runs); the
+fresh processes keep one loader's run from sharing a process with the others.
 Numbers come from Trainer.summary(); in-process runs use torch's default intra-op threads (the usable CPUs).
 Parts whose pieces are missing print "not available", and a run that crashes (a compiler segfault, a failed
 torchrun) becomes an error row, not a failed benchmark.
@@ -145,8 +150,9 @@ def loader_variants(cuda: bool, cpus: int, local_world_size: int = 1) -> list[tu
 def part_loaders(opts: argparse.Namespace, tmp: Path, rounds: int = 2) -> dict[str, Any]:
     """The four loaders on the JPEG folder, each run in a fresh process, interleaved, best of `rounds`.
 
-    In one process the model step slowed down from run to run (56 ms in a fresh process, 104 ms after the
-    loader runs, on the same in-memory batches), which charged the later loaders for the earlier ones.
+    Fresh processes keep the loaders from sharing state (worker pools, allocator, page cache warmed by the
+    one before). The in-process "slowdown" that motivated it (56 ms fresh against 104 ms in-process) compared
+    2 torch threads (torchrun's OMP_NUM_THREADS) with 1; at equal threads the placement part finds no gap.
     """
     best: dict[str, dict[str, Any]] = {}
     for _ in range(rounds):
@@ -382,10 +388,11 @@ def _fmt(v: Any, spec: str) -> str:
 
 def table(rows: list[dict[str, Any]], markdown: bool) -> str:
     """Rows as an aligned text table or a markdown table."""
-    head = ["setting", "steps", "step ms", "data_time share", "samples/s", "samples/s all steps"]
-    body = [[r["name"], str(r.get("steps", "-")), _fmt(r.get("step_ms"), ".1f"), _fmt(r.get("data_share"), ".1%"),
-             _fmt(r.get("samples_per_s"), ".1f"), _fmt(r.get("samples_per_s_all"), ".1f")]
-            if "error" not in r else [r["name"], "error", "", "", "", ""] for r in rows]
+    head = ["setting", "threads", "steps", "step ms", "data_time share", "samples/s", "samples/s all steps"]
+    body = [[r["name"], str(r.get("threads") or "-"), str(r.get("steps", "-")), _fmt(r.get("step_ms"), ".1f"),
+             _fmt(r.get("data_share"), ".1%"), _fmt(r.get("samples_per_s"), ".1f"),
+             _fmt(r.get("samples_per_s_all"), ".1f")]
+            if "error" not in r else [r["name"], "", "error", "", "", "", ""] for r in rows]
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
@@ -429,6 +436,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=3000, help="training images to generate (no --data)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads of the in-process runs "
                     "(default: torch's, the usable CPUs); the same for every variant")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds of the loaders (default 2, best "
+                    "of) and placement (default 3, median of) parts")
     ap.add_argument("--quick", action="store_true", help="~2 min: fewer steps, fewer images")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--markdown", action="store_true")
@@ -463,10 +472,11 @@ def main() -> None:
         results: dict[str, Any] = {"machine": machine(), "steps": opts.steps, "warmup": opts.warmup,
                                    "batch_size": opts.batch_size}
         print(f"machine: {json.dumps(results['machine'])}", flush=True)
-        runners = {"loaders": lambda: part_loaders(opts_clean, tmp),
+        rounds = {"rounds": opts.rounds} if opts.rounds else {}
+        runners = {"loaders": lambda: part_loaders(opts_clean, tmp, **rounds),
                    "precision": lambda: part_precision(opts_clean, tmp),
                    "ddp": lambda: part_ddp(opts_clean, tmp), "comm": lambda: part_comm(opts_clean, tmp),
-                   "placement": lambda: part_placement(opts_clean, tmp)}
+                   "placement": lambda: part_placement(opts_clean, tmp, **rounds)}
         for part in parts:
             print(f"[{part}] ...", flush=True)
             t0 = time.perf_counter()
