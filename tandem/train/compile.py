@@ -90,8 +90,9 @@ def compiler_seconds() -> float:
     timed = compile_times(repr="csv", aggregate=True)
     if not isinstance(timed, tuple):
         return 0.0
-    values = dict(zip(*timed, strict=True))
-    return sum(float(values[k]) for k in _COMPILER_TIMERS if k in values)
+    headers, values = timed
+    seconds = {str(k): str(v) for k, v in zip(headers, values, strict=True)}
+    return sum(float(seconds[k]) for k in _COMPILER_TIMERS if k in seconds)
 
 
 def reset_compile_stats() -> None:
