@@ -157,7 +157,7 @@ def part_loaders(opts: argparse.Namespace, tmp: Path, rounds: int = 2) -> dict[s
     best: dict[str, dict[str, Any]] = {}
     for _ in range(rounds):
         for name, kwargs in loader_variants(torch.cuda.is_available(), usable_cpus()):
-            spec = {"loader": kwargs, "threads": opts.threads, "opts": vars(opts) | {"data": str(opts.data)}}
+            spec = {"loader": kwargs, "threads": opts.threads, "opts": _opts_json(opts)}
             result = _own_process(spec, tmp)
             row = _row(name, result, result["summary_all"])   # all steps: the trial's cost included
             if kwargs is None:
@@ -204,7 +204,7 @@ def part_precision(opts: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     pair = []
     for name, compiled in (("fp32 eager (own process)", False), ("fp32 compiled features, cold cache", True),
                            ("fp32 compiled features, warm cache", True)):
-        spec = {"args": {"compile": compiled}, "memory": True, "opts": vars(opts) | {"data": str(opts.data)}}
+        spec = {"args": {"compile": compiled}, "memory": True, "opts": _opts_json(opts)}
         try:
             pair.append(_row(name, result := _torchrun(opts, 1, spec, tmp, cache)))
             pair[-1]["compiler_s"] = result.get("compiler_seconds")
@@ -237,7 +237,7 @@ def part_placement(opts: argparse.Namespace, tmp: Path, rounds: int = 3) -> dict
         for name, fresh, loader in (("jpeg naive, in-process", False, True), ("jpeg naive, fresh", True, True),
                                     ("memory, in-process", False, False), ("memory, fresh", True, False)):
             if fresh:
-                spec: dict[str, Any] = {"threads": opts.threads, "opts": vars(opts) | {"data": str(opts.data)}}
+                spec: dict[str, Any] = {"threads": opts.threads, "opts": _opts_json(opts)}
                 spec |= {"loader": naive} if loader else {"memory": True}
                 result = _own_process(spec, tmp)
             else:
@@ -258,6 +258,11 @@ def part_placement(opts: argparse.Namespace, tmp: Path, rounds: int = 3) -> dict
     ratios = {f"fresh/in-process {what} {k}": by[f"{what}, fresh"][k] / by[f"{what}, in-process"][k]
               for what in ("jpeg naive", "memory") for k in ("step_ms", "compute_ms")}
     return {"rows": rows, "ratios": ratios}
+
+
+def _opts_json(opts: argparse.Namespace) -> dict[str, Any]:
+    """The benchmark's options as a worker spec carries them (JSON: the data folder as a string)."""
+    return vars(opts) | {"data": str(opts.data)}
 
 
 def _run_worker(launcher: list[str], spec: dict[str, Any], tmp: Path, env: dict[str, str] | None = None,
@@ -307,7 +312,7 @@ def part_ddp(opts: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         return {"status": missing}
     rows = []
     for nproc in (1, 2):
-        spec = {"args": {"batch_size": opts.batch_size // nproc}, "opts": vars(opts) | {"data": str(opts.data)}}
+        spec = {"args": {"batch_size": opts.batch_size // nproc}, "opts": _opts_json(opts)}
         result = _torchrun(opts, nproc, spec, tmp)
         rows.append(_row(f"{nproc} process(es) x {result['threads_per_process']} threads", result))
         print(f"  {rows[-1]['name']}: {rows[-1]['samples_per_s']:.1f} samples/s", flush=True)
@@ -323,7 +328,7 @@ def part_comm(opts: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     steps = max(10, opts.steps // 3)
     for name, comm in COMM_VARIANTS:
         spec = {"args": {"max_steps": steps, "warmup": min(opts.warmup, steps // 3)}, "comm": comm,
-                "memory": True, "opts": vars(opts) | {"data": str(opts.data)}}
+                "memory": True, "opts": _opts_json(opts)}
         try:
             rows.append(_row(name, _torchrun(opts, 2, spec, tmp)))
             print(f"  {name}: {rows[-1]['step_ms']:.1f} ms/step", flush=True)
