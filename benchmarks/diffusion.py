@@ -45,11 +45,15 @@ Models (`--models`):
     python benchmarks/diffusion.py --quick            # smoke run: 64x64, steps / 5, 8 s per level
     python benchmarks/diffusion.py --models sd-shaped --systems offline,tandem --duration 30
 
-A full run (both models, every system, 60 s + 15 s per level, c=1, 2, 4, 8) takes about an hour on 2
-cores; --duration 30 about halves it. A level's window grows past --warmup/--duration to at least one
+A full run (both models, every system, 60 s + 15 s per level, c=1, 2, 4, 8) takes over an hour on 2
+cores; --duration 30 --warmup 8 took 41 minutes. To settle one ratio at c=8, benchmarks/diffusion_rounds.py
+repeats workload 2 in interleaved rounds. A level's window grows past --warmup/--duration to at least one
 and two rounds of (concurrency x the server's one-image time), so a slow level still completes images
 inside it (the tables say which window each level had). images/s = successful images completed inside
-the measured window / its length; latencies are those of the requests sent inside it.
+the measured window / its length; latencies are those of the requests sent inside it. "c / mean latency" is
+the same closed loop's throughput by Little's law: LitServe answers a batch's images together, so its count
+inside a window moves by a whole batch with alignment alone (8 images in a 60 s window: 0.133 images/s),
+which the latency-based figure does not.
 
 --quick is a smoke test only: sd-shaped at 64x64, every step count divided by 5 (c=1 at 4 steps, the
 mix 4/6/10), 8 s + 2 s warm-up per level, c=8 only, no plot. On a machine busy with other work, add
@@ -306,8 +310,17 @@ def load_level(url: str, bodies: list[dict[str, Any]], concurrency: int, timing:
     samples, warm_end, end = asyncio.run(closed_loop(url, encode(bodies), concurrency, warmup_s, duration_s,
                                                      stream, expect))
     level = Level(*where, concurrency, **summarize(samples, warm_end, end))
-    level.extra.update(warmup_s=warmup_s, duration_s=duration_s)
+    level.extra.update(warmup_s=warmup_s, duration_s=duration_s, little_ips=little_ips(concurrency, level.mean_ms))
     return level
+
+
+def little_ips(concurrency: int, mean_ms: float | None) -> float | None:
+    """Closed-loop throughput by Little's law: concurrency / mean latency (no think time between requests).
+
+    Unlike the count of images completed inside the window, it does not depend on where batch completions
+    fall: a server that answers 8 images at once every 12 s completes 32 or 40 inside a 60 s window by
+    alignment alone (a 20% swing), while every request's latency counts here."""
+    return concurrency * 1000.0 / mean_ms if mean_ms else None
 
 
 # --------------------------------------------------------------------------- images
@@ -678,17 +691,24 @@ def _attr(lv: Level | None, name: str) -> float | None:
 def ratios(res: ModelResult) -> dict[str, float | None]:
     tandem_c1, offline_c1 = find(res, "tandem", "c1", 1), find(res, "offline", "c1", 1)
     ips = {x: _attr(find(res, x, "mix", 1 if x == "offline" else HIGH), "images_per_s") for x in SYSTEMS}
+    little = {x: _little(find(res, x, "mix", HIGH)) for x in SYSTEMS}
     plain, preview = find(res, "tandem", "no-preview", HIGH), find(res, "tandem", "preview", HIGH)
     slow = _div(_attr(preview, "images_per_s"), _attr(plain, "images_per_s"))
     return {"tandem_p50_over_offline_c1": _div(_attr(tandem_c1, "p50_ms"), _attr(offline_c1, "p50_ms")),
             "tandem_over_diffusers": _div(ips["tandem"], ips["diffusers"]),
             "tandem_over_litserve": _div(ips["tandem"], ips["litserve"]),
+            "tandem_over_diffusers_little": _div(little["tandem"], little["diffusers"]),
+            "tandem_over_litserve_little": _div(little["tandem"], little["litserve"]),
             "tandem_over_offline_sequential": _div(ips["tandem"], ips["offline"]),
             "ort_p50_over_offline_c1": _div(_attr(find(res, "tandem-ort", "c1", 1), "p50_ms"),
                                             _attr(offline_c1, "p50_ms")),
             "ort_over_diffusers": _div(ips["tandem-ort"], ips["diffusers"]),
             "ort_over_litserve": _div(ips["tandem-ort"], ips["litserve"]),
             "preview_slowdown": None if slow is None else 1.0 - slow}
+
+
+def _little(lv: Level | None) -> float | None:
+    return None if lv is None else lv.extra.get("little_ips")
 
 
 def _goal(value: float | None, ok: bool) -> str:
@@ -701,8 +721,10 @@ def ratio_lines(r: dict[str, float | None]) -> list[str]:
     return [
         f"- Tandem p50 / offline p50 at c=1: {fmt(c1, 3)} (goal <= 1.05: {_goal(c1, (c1 or 9) <= 1.05)})",
         f"- Tandem / diffusers-server images/s at c={HIGH}: {fmt(dif, 2)}x (goal >= 1.5x: "
-        f"{_goal(dif, (dif or 0) >= 1.5)})",
-        f"- Tandem / LitServe images/s at c={HIGH}: {fmt(lit, 2)}x (goal >= 1.3x: {_goal(lit, (lit or 0) >= 1.3)})",
+        f"{_goal(dif, (dif or 0) >= 1.5)}); by Little's law (c / mean latency) "
+        f"{fmt(r['tandem_over_diffusers_little'], 2)}x",
+        f"- Tandem / LitServe images/s at c={HIGH}: {fmt(lit, 2)}x (goal >= 1.3x: {_goal(lit, (lit or 0) >= 1.3)}); "
+        f"by Little's law {fmt(r['tandem_over_litserve_little'], 2)}x",
         f"- Tandem at c={HIGH} / offline one-at-a-time images/s: {fmt(off, 2)}x",
         f"- Tandem with the UNet on onnxruntime: p50 / offline p50 at c=1 {fmt(r['ort_p50_over_offline_c1'], 3)}; "
         f"/ diffusers-server {fmt(r['ort_over_diffusers'], 2)}x, / LitServe {fmt(r['ort_over_litserve'], 2)}x "
@@ -733,14 +755,15 @@ def _share(x: float | None) -> str:
 def _row(lv: Level) -> str:
     unit = " (in-process, one at a time)" if lv.extra.get("in_process") else ""
     model = lv.extra.get("model_p50_ms")
-    return (f"| {_label(lv)} | {lv.concurrency}{unit} | {fmt(lv.images_per_s, 3)} | {fmt(lv.p50_ms, 0)} | "
+    return (f"| {_label(lv)} | {lv.concurrency}{unit} | {fmt(lv.images_per_s, 3)} | "
+            f"{fmt(None if unit else lv.extra.get('little_ips'), 3)} | {fmt(lv.p50_ms, 0)} | "
             f"{fmt(lv.p90_ms, 0)} | {fmt(lv.p95_ms, 0)} | {fmt(lv.mean_ms, 0)} | {fmt(model, 0)} | "
             f"{lv.errors}/{lv.requests} | {_window(lv)} |")
 
 
 def tables(res: ModelResult, s: Settings) -> list[str]:
-    head = ["| system | concurrency | images/s | p50 ms | p90 ms | p95 ms | mean ms | model p50 ms | errors "
-            "| window s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    head = ["| system | concurrency | images/s | c / mean latency | p50 ms | p90 ms | p95 ms | mean ms | model p50 ms "
+            "| errors | window s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     out = []
     titles = {"c1": f"Workload 1: c=1, {s.c1_steps} steps",
               "mix": f"Workload 2: steps drawn from {'/'.join(map(str, s.step_mix))}",
