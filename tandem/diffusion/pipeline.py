@@ -205,11 +205,16 @@ def bucket_graphs(stages: Stages, cfg: DiffusionConfig, folder: Path) -> dict[tu
 
 
 def make_unet_runtime(runtime: str, graph: Path, threads: int | None = None) -> Any:
-    """The UNet of `graph` on `runtime` ("onnxruntime" or "openvino", fp32), called like `Stages.denoise`."""
+    """The UNet of `graph` on `runtime` ("onnxruntime" or "openvino", fp32), called like `Stages.denoise`.
+
+    ONNX Runtime's pool threads do not spin: in a worker they share the CPUs with the VAE-decode thread
+    and the fronts, and spinning cost c=8 throughput (BENCHMARKS.md: 1.10x median by latency without it,
+    3 interleaved rounds, sd-shaped on 2 CPUs; the same 44 ms per 2-row call alone).
+    """
     from tandem.diffusion import runtimes
 
     if runtime == "onnxruntime":
-        return runtimes.OnnxUNet(graph, threads=threads)
+        return runtimes.OnnxUNet(graph, threads=threads, spinning=False)
     if runtime == "openvino":
         return runtimes.OpenVinoUNet(graph, precision="f32", threads=threads, static_batch=True)
     raise ValueError(f"unknown UNet runtime {runtime!r} (onnxruntime or openvino)")

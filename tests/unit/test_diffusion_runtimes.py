@@ -18,7 +18,7 @@ import torch
 from tandem.config import DiffusionConfig
 from tandem.diffusion.engine import DenoiseEngine, Job, run_alone
 from tandem.diffusion.messages import ImageParams
-from tandem.diffusion.pipeline import load_stages
+from tandem.diffusion.pipeline import load_stages, make_unet_runtime
 from tandem.diffusion.runtimes import OnnxUNet, OpenVinoUNet, convert_unet_openvino, export_unet_onnx
 from tandem.diffusion.testing import TINY, make_random_pipeline
 from tandem.diffusion.text import PromptTokenizer
@@ -72,6 +72,18 @@ def test_onnxruntime_unet_matches_torch(stages: Any, shapes: Any, onnx_path: Pat
     assert unet.threads == torch.get_num_threads()
     assert unet.session.get_session_options().intra_op_num_threads == torch.get_num_threads()
     check(unet, stages, shapes, "ONNX Runtime")
+
+
+def test_served_onnxruntime_unet_does_not_spin(onnx_path: Path) -> None:
+    """The worker's ONNX Runtime UNet shares CPUs with the VAE thread and the fronts: no spinning there."""
+    def spinning(unet: OnnxUNet) -> str | None:
+        try:
+            return str(unet.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning"))
+        except RuntimeError:  # not set: ONNX Runtime's default (spin)
+            return None
+
+    assert spinning(make_unet_runtime("onnxruntime", onnx_path, threads=1)) == "0"
+    assert spinning(OnnxUNet(onnx_path, threads=1)) is None  # the class's own default stays ONNX Runtime's
 
 
 def test_onnxruntime_unet_in_the_engine_gives_torchs_image(stages: Any, folder: Path, onnx_path: Path) -> None:
