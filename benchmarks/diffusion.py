@@ -65,6 +65,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import io
 import itertools
@@ -79,6 +80,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -529,7 +531,7 @@ def make_case(key: str, s: Settings, workdir: Path) -> ModelCase | None:
 
 
 def offline_plan(case: ModelCase, s: Settings, timed: bool) -> dict[str, Any]:
-    health = predict_body(health_prompt(), HEALTH_SEED, s.c1_steps, case.size)
+    health = health_body(s, case)
     workloads = [{"name": "c1", "bodies": c1_bodies(s, case)}, {"name": "mix", "bodies": mix_bodies(s, case)}]
     for w in workloads:
         w.update(warmup_s=s.warmup_s, duration_s=s.duration_s)
@@ -616,35 +618,54 @@ def warm_request_s(url: str, body: dict[str, Any]) -> float:
     return time.perf_counter() - t0
 
 
+@contextlib.contextmanager
+def served(system: str, case: ModelCase, s: Settings, reference: np.ndarray, workdir: Path,
+           tag: str = "") -> Iterator[tuple[str, float]]:
+    """Start one server and wait for its health request; yield (base URL, PSNR of that image against the
+    reference); stop it on the way out. Its log is `workdir/{system}-{model}{tag}.log`."""
+    port = free_port()
+    log = workdir / f"{system}-{case.key}{tag}.log"
+    proc = spawn(server_command(system, case, port, s, workdir), log)
+    try:
+        base = f"http://{HOST}:{port}"
+        png = wait_ready(f"{base}/predictions/{NAME}", health_body(s, case), proc, log)
+        yield base, psnr_db(decode_png(png), reference)
+    finally:
+        stop(proc)
+
+
+def health_body(s: Settings, case: ModelCase) -> dict[str, Any]:
+    return predict_body(health_prompt(), HEALTH_SEED, s.c1_steps, case.size)
+
+
 def server_run(system: str, case: ModelCase, s: Settings, reference: np.ndarray, res: ModelResult,
                workdir: Path) -> None:
     """Start one server, check its image against the reference, run the workloads, stop it."""
-    port = free_port()
-    base = f"http://{HOST}:{port}"
-    log = workdir / f"{system}-{case.key}.log"
     t0 = time.monotonic()
-    proc = spawn(server_command(system, case, port, s, workdir), log)
     try:
-        health = predict_body(health_prompt(), HEALTH_SEED, s.c1_steps, case.size)
-        db = psnr_db(decode_png(wait_ready(f"{base}/predictions/{NAME}", health, proc, log)), reference)
-        parity: dict[str, Any] = {"psnr_db": db, "ready_s": time.monotonic() - t0}
-        if system == "tandem":
-            parity["stream_psnr_db"] = check_stream(base, case, s, reference)
-        res.parity[system] = parity
-        print(f"  {system}: ready in {parity['ready_s']:.1f} s, PSNR vs offline {fmt_db(db)}"
-              + (f", streaming route {fmt_db(parity['stream_psnr_db'])}" if "stream_psnr_db" in parity else ""),
-              flush=True)
-        if min(db, parity.get("stream_psnr_db", math.inf)) < PSNR_MIN_DB:
-            parity["note"] = f"image differs from the offline one (< {PSNR_MIN_DB:.0f} dB): not timed"
-            print(f"  {system}: {parity['note']}", flush=True)
-            return
-        parity["warm_request_s"] = warm_request_s(f"{base}/predictions/{NAME}", health)
-        server_levels(system, base, case, s, parity["warm_request_s"] / s.c1_steps, res)
+        with served(system, case, s, reference, workdir) as (base, db):
+            server_workloads(system, base, db, time.monotonic() - t0, case, s, reference, res)
     except (RuntimeError, httpx.HTTPError, ValueError, KeyError) as e:
         res.parity[system] = {"psnr_db": None, "note": f"failed: {str(e).splitlines()[0]}"}
         print(f"  {system}: FAILED: {e}", flush=True)
-    finally:
-        stop(proc)
+
+
+def server_workloads(system: str, base: str, db: float, ready_s: float, case: ModelCase, s: Settings,
+                     reference: np.ndarray, res: ModelResult) -> None:
+    """On a ready server: record its image check, then (if it passed) time every workload."""
+    parity: dict[str, Any] = {"psnr_db": db, "ready_s": ready_s}
+    if system == "tandem":
+        parity["stream_psnr_db"] = check_stream(base, case, s, reference)
+    res.parity[system] = parity
+    print(f"  {system}: ready in {parity['ready_s']:.1f} s, PSNR vs offline {fmt_db(db)}"
+          + (f", streaming route {fmt_db(parity['stream_psnr_db'])}" if "stream_psnr_db" in parity else ""),
+          flush=True)
+    if min(db, parity.get("stream_psnr_db", math.inf)) < PSNR_MIN_DB:
+        parity["note"] = f"image differs from the offline one (< {PSNR_MIN_DB:.0f} dB): not timed"
+        print(f"  {system}: {parity['note']}", flush=True)
+        return
+    parity["warm_request_s"] = warm_request_s(f"{base}/predictions/{NAME}", health_body(s, case))
+    server_levels(system, base, case, s, parity["warm_request_s"] / s.c1_steps, res)
 
 
 def model_run(case: ModelCase, s: Settings, systems: list[str], workdir: Path) -> ModelResult:

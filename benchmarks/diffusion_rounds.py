@@ -57,24 +57,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def one_window(system: str, case: bench.ModelCase, s: bench.Settings, reference: Any, workdir: Path,
                round_no: int) -> dict[str, Any]:
     """Start `system`, check its image, run one c=8 step-mix window, stop it."""
-    port = bench.free_port()
-    base = f"http://{bench.HOST}:{port}"
-    log = workdir / f"{system}-{case.key}-round{round_no}.log"
-    proc = bench.spawn(bench.server_command(system, case, port, s, workdir), log)
-    try:
-        url = f"{base}/predictions/{bench.NAME}"
-        health = bench.predict_body(bench.health_prompt(), bench.HEALTH_SEED, s.c1_steps, case.size)
-        db = bench.psnr_db(bench.decode_png(bench.wait_ready(url, health, proc, log)), reference)
+    with bench.served(system, case, s, reference, workdir, tag=f"-round{round_no}") as (base, db):
         if db < bench.PSNR_MIN_DB:
             raise RuntimeError(f"{system}'s image differs from stock diffusers ({bench.fmt_db(db)})")
-        step_s = bench.warm_request_s(url, health) / s.c1_steps
+        url = f"{base}/predictions/{bench.NAME}"
+        step_s = bench.warm_request_s(url, bench.health_body(s, case)) / s.c1_steps
         bodies = bench.mix_bodies(s, case)
         timing = bench.window(s, bench.HIGH, step_s * bench.mean_steps(bodies))
         level = bench.load_level(url, bodies, bench.HIGH, timing, (case.key, system, "mix"))
         bench.print_level(level)
         return {"round": round_no, "system": system, "psnr_db": db, **asdict(level)}
-    finally:
-        bench.stop(proc)
 
 
 def order(systems: list[str], round_no: int) -> list[str]:
