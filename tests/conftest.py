@@ -159,13 +159,14 @@ def llm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     server.stop()
 
 
-def diffusion_repo(root: Path, yaml_extra: str = "", name: str = "t2i", with_echo: bool = False) -> Path:
+def diffusion_repo(root: Path, yaml_extra: str = "", name: str = "t2i", with_echo: bool = False,
+                   timeout_s: float = 60) -> Path:
     """A repository with a random-weight tiny Stable Diffusion entry (32x32 and 16x16), and the echo model."""
     from tandem.diffusion.testing import make_random_pipeline
 
     folder = root / "repo" / name
     make_random_pipeline(folder / "pipeline")
-    (folder / "tandem.yaml").write_text(f"name: {name}\nkind: diffusion\ntimeout_s: 60\ndiffusion:\n"
+    (folder / "tandem.yaml").write_text(f"name: {name}\nkind: diffusion\ntimeout_s: {timeout_s}\ndiffusion:\n"
                                         f"  sizes: ['32x32', '16x16']\n  default_steps: 6\n  max_steps: 400\n"
                                         f"  max_batch_rows: 16\n{yaml_extra}")
     if with_echo:

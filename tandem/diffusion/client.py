@@ -53,6 +53,7 @@ class ImageRequest:
     seed: int | None = None  # None or -1: a random seed, reported back
     n: int = 1
     preview: bool = False
+    progress: bool = False  # the route shows every step (a stream); previews imply it
     names: dict[str, str] = field(default_factory=dict)
 
     def name(self, key: str) -> str:
@@ -114,7 +115,8 @@ class Validator:
     def params(self, req: ImageRequest) -> ImageParams:
         """The request's parameters checked against this model's settings; 400 naming the field otherwise."""
         return ImageParams(*self._size(req), steps=self._steps(req), guidance=self._guidance(req),
-                           sampler=self._sampler(req), seed=self._seed(req), n=self._n(req), preview=req.preview)
+                           sampler=self._sampler(req), seed=self._seed(req), n=self._n(req), preview=req.preview,
+                           progress=req.progress or req.preview)
 
     def _size(self, req: ImageRequest) -> tuple[int, int]:
         buckets = self.cfg.buckets()
@@ -228,7 +230,7 @@ class DiffusionClient:
             for item in msg.items:
                 job = self.jobs.get(item.req_id)
                 if job is not None:
-                    job.queue.put_nowait(item)  # bounded: one per step, plus heartbeats while queued
+                    job.queue.put_nowait(item)  # bounded: at most one per step, plus heartbeats while queued
         elif isinstance(msg, Images):
             job = self.jobs.get(msg.req_id)
             if job is not None:

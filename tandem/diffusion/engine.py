@@ -54,7 +54,7 @@ class Job:
     rows_sum: int = 0
     last_preview: float = float("-inf")
     position: int = -1
-    told: float = 0.0  # when it last heard its queue position
+    told: float = 0.0  # when it last heard news (queue position, or a step while running)
 
     @property
     def cfg(self) -> bool:
@@ -134,7 +134,8 @@ class DenoiseEngine:
     def step(self, heartbeat_s: float | None = None) -> tuple[list[Progress], list[Finished]]:
         """Admit what fits, run one UNet iteration over one size group, report progress and finished jobs.
 
-        Waiting jobs hear their queue position when it changes, and at least every `heartbeat_s`.
+        Waiting jobs hear their queue position when it changes, and at least every `heartbeat_s`; running
+        jobs hear every step, or (`params.progress` False) their first step and then one every `heartbeat_s`.
         """
         self.last_encode_s = 0.0
         news = self._admit(heartbeat_s)
@@ -148,7 +149,9 @@ class DenoiseEngine:
         now = time.perf_counter()
         for job, eps in zip(group, noise):
             self._advance(job, eps)
-            news.append(Progress(job, "step", self._maybe_preview(job, now)))
+            if job.params.progress or job.step == 1 or (heartbeat_s is not None and now - job.told >= heartbeat_s):
+                job.told = now
+                news.append(Progress(job, "step", self._maybe_preview(job, now)))
             if job.step >= len(job.timesteps):
                 self.active.remove(job)
                 assert job.latents is not None

@@ -31,6 +31,9 @@ class ImageParams(msgspec.Struct, array_like=True, frozen=True):
     seed: int
     n: int = 1
     preview: bool = False  # send throttled low-resolution previews with the progress events
+    # an event for every step (streams show them); False: the first step, then one per heartbeat (enough
+    # for the front's timeout_s), so a request nobody watches does not wake its front at every iteration
+    progress: bool = True
 
 
 class Txt2Img(msgspec.Struct, tag="txt2img", array_like=True):

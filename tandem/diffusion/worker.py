@@ -36,7 +36,7 @@ from tandem.serving.worker_proc import run_worker
 __all__ = ["build_engine", "run_diffusion_worker"]
 
 logger = logging.getLogger(__name__)
-_HEARTBEAT_S = 2.0  # a waiting request hears its queue position at least this often (keeps fronts' timeouts)
+_HEARTBEAT_S = 2.0  # a request hears news at least this often (or timeout_s / 4), which keeps fronts' timeouts
 
 
 def build_engine(entry: ModelEntry, device: str) -> DenoiseEngine:
@@ -144,6 +144,7 @@ class _Loop:
         self.m = diffusion_metrics()
         self.stall = StallMeter()
         self.queued = 0  # decodes handed to the decode thread
+        self.heartbeat_s = min(_HEARTBEAT_S, entry.config.timeout_s / 4)
         self.last: tuple[float, int, int] | None = None  # last iteration: (start less encode, rows, decodes done)
 
     def stop(self) -> None:
@@ -195,7 +196,7 @@ class _Loop:
         t0 = time.perf_counter()
         self._clock(t0)
         try:
-            news, done = self.engine.step(heartbeat_s=_HEARTBEAT_S)
+            news, done = self.engine.step(heartbeat_s=self.heartbeat_s)
         except Exception as e:  # noqa: BLE001 - fail the running requests, keep serving new ones
             logger.exception("denoising iteration failed")
             for job in self.engine.drop_active():

@@ -228,6 +228,20 @@ def test_kill_9_of_the_unet_worker_fails_only_its_requests(tmp_path: Path) -> No
         server.stop()
 
 
+def test_requests_longer_than_timeout_s_live_on_heartbeats(tmp_path: Path) -> None:
+    """Unstreamed requests hear only their first step and heartbeats; those must keep the front's timeout_s."""
+    server = start_server(diffusion_repo(tmp_path, timeout_s=0.4))
+    try:
+        r = invoke(server, "long", num_inference_steps=100)
+        assert r.status_code == 200, r.text
+        timings = dict(kv.split("=") for kv in r.headers["x-tandem-timings"].split(";"))
+        assert float(timings["denoise"]) > 400  # ms: longer than timeout_s, so heartbeats carried it
+        r = a1111(server, prompt="long", steps=50, batch_size=2)
+        assert r.status_code == 200 and len(r.json()["images"]) == 2, r.text
+    finally:
+        server.stop()
+
+
 def invoke_model(server: Server, name: str) -> httpx.Response:
     return httpx.post(server.url + f"/predictions/{name}", json={"prompt": "x"}, timeout=60)
 

@@ -209,3 +209,24 @@ def test_previews_are_throttled_and_follow_the_latents(stages: Any, tok: PromptT
     no_preview = job(tok, "a", steps=2)
     engine.submit(no_preview)
     assert all(p.preview is None for _ in range(2) for p in engine.step()[0])
+
+
+def test_unwatched_jobs_hear_their_first_step_and_heartbeats_only(stages: Any, cfg: DiffusionConfig,
+                                                                 tok: PromptTokenizer) -> None:
+    """A job nobody streams (progress False) is told its first step, then one step per heartbeat; same image."""
+    def steps_heard(j: Job, heartbeat_s: float | None) -> tuple[list[int], torch.Tensor]:
+        engine, heard, finished = DenoiseEngine(stages, cfg), [], []
+        engine.submit(j)
+        while engine.has_work:
+            news, done = engine.step(heartbeat_s=heartbeat_s)
+            heard += [p.job.step for p in news if p.kind == "step"]
+            finished += done
+        return heard, finished[0].latents
+
+    watched, watched_latents = steps_heard(job(tok, "a", seed=5), None)
+    assert watched == [1, 2, 3, 4, 5, 6]
+    quiet, quiet_latents = steps_heard(job(tok, "a", seed=5, progress=False), None)
+    assert quiet == [1]  # the first step: the front's start() returns on it
+    beats, _ = steps_heard(job(tok, "a", seed=5, progress=False), 0.0)
+    assert beats == [1, 2, 3, 4, 5, 6]  # a heartbeat due at every step: every step is sent
+    assert torch.equal(quiet_latents, watched_latents)

@@ -38,6 +38,17 @@ def test_defaults_fill_in(v: Validator) -> None:
     assert v.params(ImageRequest(prompt="a", seed=5, width=32, height=48)).seed == 5
 
 
+def test_only_streams_ask_for_every_step(v: Validator) -> None:
+    """Step events per iteration only where a route shows them: OpenAI streams; previews imply them."""
+    assert not v.params(ImageRequest(prompt="a")).progress
+    assert v.params(ImageRequest(prompt="a", progress=True)).progress
+    assert v.params(ImageRequest(prompt="a", preview=True)).progress
+    assert not v.params(parse_invocation({"prompt": "a"})[0]).progress
+    assert not v.params(parse_txt2img({"prompt": "a"})[0]).progress
+    assert not v.params(parse_generation({"prompt": "a"})[0]).progress
+    assert v.params(parse_generation({"prompt": "a", "stream": True})[0]).progress
+
+
 def test_each_bad_value_names_its_field(v: Validator) -> None:
     assert "64x64, 32x48" in fails(v, "size", width=48, height=48)
     assert "between 1 and 50" in fails(v, "steps", steps=51)
