@@ -53,7 +53,6 @@ class ImageRequest:
     seed: int | None = None  # None or -1: a random seed, reported back
     n: int = 1
     preview: bool = False
-    progress: bool = False  # the route shows every step (a stream); previews imply it
     names: dict[str, str] = field(default_factory=dict)
 
     def name(self, key: str) -> str:
@@ -116,7 +115,7 @@ class Validator:
         """The request's parameters checked against this model's settings; 400 naming the field otherwise."""
         return ImageParams(*self._size(req), steps=self._steps(req), guidance=self._guidance(req),
                            sampler=self._sampler(req), seed=self._seed(req), n=self._n(req), preview=req.preview,
-                           progress=req.progress or req.preview)
+                           progress=req.preview)  # streamed requests show every step
 
     def _size(self, req: ImageRequest) -> tuple[int, int]:
         buckets = self.cfg.buckets()

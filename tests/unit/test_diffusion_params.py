@@ -39,9 +39,8 @@ def test_defaults_fill_in(v: Validator) -> None:
 
 
 def test_only_streams_ask_for_every_step(v: Validator) -> None:
-    """Step events per iteration only where a route shows them: OpenAI streams; previews imply them."""
+    """Step events per iteration only where a route shows them: streamed (preview) requests, as OpenAI streams."""
     assert not v.params(ImageRequest(prompt="a")).progress
-    assert v.params(ImageRequest(prompt="a", progress=True)).progress
     assert v.params(ImageRequest(prompt="a", preview=True)).progress
     assert not v.params(parse_invocation({"prompt": "a"})[0]).progress
     assert not v.params(parse_txt2img({"prompt": "a"})[0]).progress
