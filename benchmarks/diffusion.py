@@ -620,16 +620,17 @@ def warm_request_s(url: str, body: dict[str, Any]) -> float:
 
 @contextlib.contextmanager
 def served(system: str, case: ModelCase, s: Settings, reference: np.ndarray, workdir: Path,
-           tag: str = "") -> Iterator[tuple[str, float]]:
+           tag: str = "") -> Iterator[tuple[str, float, int]]:
     """Start one server and wait for its health request; yield (base URL, PSNR of that image against the
-    reference); stop it on the way out. Its log is `workdir/{system}-{model}{tag}.log`."""
+    reference, the server's pid: the supervisor for Tandem); stop it on the way out. Its log is
+    `workdir/{system}-{model}{tag}.log`."""
     port = free_port()
     log = workdir / f"{system}-{case.key}{tag}.log"
     proc = spawn(server_command(system, case, port, s, workdir), log)
     try:
         base = f"http://{HOST}:{port}"
         png = wait_ready(f"{base}/predictions/{NAME}", health_body(s, case), proc, log)
-        yield base, psnr_db(decode_png(png), reference)
+        yield base, psnr_db(decode_png(png), reference), proc.pid
     finally:
         stop(proc)
 
@@ -643,7 +644,7 @@ def server_run(system: str, case: ModelCase, s: Settings, reference: np.ndarray,
     """Start one server, check its image against the reference, run the workloads, stop it."""
     t0 = time.monotonic()
     try:
-        with served(system, case, s, reference, workdir) as (base, db):
+        with served(system, case, s, reference, workdir) as (base, db, _):
             server_workloads(system, base, db, time.monotonic() - t0, case, s, reference, res)
     except (RuntimeError, httpx.HTTPError, ValueError, KeyError) as e:
         res.parity[system] = {"psnr_db": None, "note": f"failed: {str(e).splitlines()[0]}"}

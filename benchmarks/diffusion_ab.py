@@ -63,15 +63,6 @@ def cpu_s(pid: int) -> float:
     return total
 
 
-def supervisor_of(base: str) -> int:
-    """The `tandem serve` process behind a URL: the parent of the front listening on its port."""
-    port = int(base.rsplit(":", 1)[1])
-    front = next(c.pid for c in psutil.net_connections("tcp")
-                 if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid)
-    parent = psutil.Process(front).parent()
-    return parent.pid if parent and "tandem.cli" in " ".join(parent.cmdline()) else front
-
-
 def c1_turns(urls: list[str], pids: list[int], body: dict[str, Any], n: int) -> list[dict[str, list[float]]]:
     out: list[dict[str, list[float]]] = [{"ms": [], "denoise_ms": [], "cpu_ms": []} for _ in urls]
     for i in range(2 * n + 4):  # the first 4 warm both
@@ -116,11 +107,11 @@ def run_model(key: str, args: argparse.Namespace, s: bench.Settings, workdir: Pa
         urls, pids = [], []
         for tag, root in (("a", args.a), ("b", args.b)):
             bench.ROOT = root.resolve()  # server_command runs `-m tandem.cli` with this checkout first on the path
-            base, db = stack.enter_context(bench.served(args.system, case, s, reference, workdir, tag=f"-{tag}"))
+            base, db, pid = stack.enter_context(bench.served(args.system, case, s, reference, workdir, tag=f"-{tag}"))
             if db < bench.PSNR_MIN_DB:
                 raise RuntimeError(f"checkout {tag}'s image differs from stock diffusers ({bench.fmt_db(db)})")
             urls.append(f"{base}/predictions/{bench.NAME}")
-            pids.append(supervisor_of(base))
+            pids.append(pid)  # `tandem serve` itself: cpu_s adds its fronts and workers
         one = c1_turns(urls, pids, bench.health_body(s, case), args.requests)
         eight = c8_turns(urls, pids, bench.mix_bodies(s, case), args.windows, args.duration)
     c = f"{case.key}, {args.system}"

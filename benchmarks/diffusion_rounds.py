@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def one_window(system: str, case: bench.ModelCase, s: bench.Settings, reference: Any, workdir: Path,
                round_no: int) -> dict[str, Any]:
     """Start `system`, check its image, run one c=8 step-mix window, stop it."""
-    with bench.served(system, case, s, reference, workdir, tag=f"-round{round_no}") as (base, db):
+    with bench.served(system, case, s, reference, workdir, tag=f"-round{round_no}") as (base, db, _):
         if db < bench.PSNR_MIN_DB:
             raise RuntimeError(f"{system}'s image differs from stock diffusers ({bench.fmt_db(db)})")
         url = f"{base}/predictions/{bench.NAME}"
