@@ -25,8 +25,12 @@ chromium:
 	  echo "installing Debian's chromium for the browser tests"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium; }
 
+# tiny-llm may also hot-load adapters that local pipeline runs wrote into their artifact store, so
+# `tandem pipeline run examples/pipelines/lora.py` deploys into this server as the README shows.
+TANDEM_PIPELINE_HOME ?= $(CURDIR)/.tandem/pipelines
 serve: $(STAMP)
-	$(VENV)/bin/tandem serve
+	mkdir -p '$(TANDEM_PIPELINE_HOME)/artifacts'
+	$(VENV)/bin/tandem serve --adapter-dir '$(TANDEM_PIPELINE_HOME)/artifacts'
 
 test: $(STAMP) chromium
 	$(VENV)/bin/ruff check tandem tests benchmarks

@@ -228,8 +228,11 @@ def load_adapter(server: str, adapter: Path, name: str, publish_dir: str = "", s
     t0 = time.monotonic()
     reply = request(server, "POST", "/v1/load_lora_adapter", json_body=body, key=key, timeout_s=timeout_s)
     if reply.status == 400 and "outside the allowed adapter directories" in reply.error():
-        raise DeployError(f"the server cannot read {lora_path}: {reply.error()} (fix: publish_dir must be one of "
-                          "the entry's llm.adapter_dirs, as the server sees it; see server_dir)",
+        fix = ("publish_dir must be one of the entry's llm.adapter_dirs, as the server sees it; see server_dir"
+               if publish_dir else "give publish_dir, a folder among the entry's llm.adapter_dirs, or start the "
+               f"server with `tandem serve --adapter-dir DIR` for a DIR that holds {lora_path} (`make serve` "
+               "allows the local pipelines' artifact store)")
+        raise DeployError(f"the server cannot read {lora_path}: {reply.error()} (fix: {fix})",
                           field="args.publish_dir")
     _check(reply, server, key_env, f"loading adapter {name!r}", "args.adapter")
     data = reply.json() or {}

@@ -130,10 +130,20 @@ def _example(name: str) -> Any:
 
 
 @pytest.fixture(scope="module")
-def llm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, Path]]:
-    """tiny-llm with two shipped adapters; runtime loads may read the publish folder only; an admin key."""
+def lora_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The lora runs' history folder; its artifact store is made before the server starts, which may read it."""
+    home = tmp_path_factory.mktemp("lora-home")
+    (home / "artifacts").mkdir()
+    return home
+
+
+@pytest.fixture(scope="module")
+def llm_server(tmp_path_factory: pytest.TempPathFactory, lora_home: Path) -> Iterator[tuple[Server, Path]]:
+    """tiny-llm with two shipped adapters; runtime loads may read the publish folder and, as `make serve` allows,
+    the pipelines' artifact store; an admin key."""
     repo, publish = _example("swapcase").serving_repo(tmp_path_factory.mktemp("lora-serve"))
-    srv = start_server(repo, "--cpu-workers", "1", "--admin-key", ADMIN_KEY)
+    srv = start_server(repo, "--cpu-workers", "1", "--admin-key", ADMIN_KEY,
+                       "--adapter-dir", str(lora_home / "artifacts"))
     yield srv, publish
     srv.stop()
 
@@ -146,11 +156,10 @@ LLM_LOAD = [
 
 
 @pytest.fixture(scope="module")
-def lora_run(llm_server: tuple[Server, Path], tmp_path_factory: pytest.TempPathFactory
-             ) -> tuple[RunResult, Load, Path]:
+def lora_run(llm_server: tuple[Server, Path], lora_home: Path) -> tuple[RunResult, Load, Path]:
     """The pipeline, once, with the load running throughout; returns the run, the load and the history folder."""
     server, publish = llm_server
-    home = tmp_path_factory.mktemp("lora-home")
+    home = lora_home
     with server.client() as c:   # not there yet
         assert c.post("/v1/completions", json={"model": "swapcase", "prompt": "aB=", "max_tokens": 4}
                       ).status_code == 404
@@ -224,6 +233,23 @@ def test_cached_rerun_only_redeploys(lora_run: tuple[RunResult, Load, Path], llm
     assert {n: r.status for n, r in again.steps.items()} == {
         "make-data": "cached", "train": "cached", "evaluate": "cached", "deploy": "succeeded", "smoke": "succeeded"}
     assert seconds < 6, seconds   # goal < 2 s on an idle machine: two function steps and one hot load
+
+
+def test_the_readme_command_deploys_from_the_artifact_store(lora_run: tuple[RunResult, Load, Path],
+                                                           llm_server: tuple[Server, Path]) -> None:
+    """No adapter_dir: the server reads the trained artifact where the runner stored it (`make serve`'s setting)."""
+    server, _ = llm_server
+    again = _run("lora.py", {"server": server.url, "adapter_name": "stored"}, lora_run[2])
+    assert again.status == "succeeded", _failed(again)
+    assert again.steps["train"].status == "cached" and again.steps["smoke"].status == "succeeded"
+    assert Path(again.steps["deploy"].results["lora_path"]) == lora_run[0].steps["train"].artifacts["adapter"]
+    heldout = lora_run[0].steps["make-data"].artifacts["data"] / "heldout.txt"
+    prompts = [s + "=" for s in heldout.read_text().split()[:5]]
+    with server.client(timeout=60) as c:   # the same weights as the published copy: the same greedy answers
+        texts = {m: [ch["text"] for ch in sorted(c.post("/v1/completions", json={
+            "model": m, "prompt": prompts, "max_tokens": 12, "temperature": 0}).json()["choices"],
+            key=lambda ch: ch["index"])] for m in ("stored", "swapcase")}
+    assert texts["stored"] == texts["swapcase"] and texts["stored"] != [p.removesuffix("=") for p in prompts], texts
 
 
 def test_failing_gate_skips_the_deploy(lora_run: tuple[RunResult, Load, Path], llm_server: tuple[Server, Path]) -> None:

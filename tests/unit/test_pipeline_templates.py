@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -176,6 +177,7 @@ class Fake:
     adapters: set[str] = field(default_factory=set)
     versions: dict[str, str] = field(default_factory=dict)   # version -> state
     fail_load: bool = False
+    allowed: Path | None = None   # the one adapter folder the server may read (None: any)
 
 
 class Handler(JSONHandler):
@@ -209,6 +211,10 @@ class Handler(JSONHandler):
     def _v1_load_lora_adapter(self, body: Any) -> None:
         if self._auth(admin=True) and not body.get("lora_name"):
             self.send_json(400, {"error": "lora_name must be a non-empty string"})
+        elif self._auth(admin=True) and self.fake.allowed and not Path(body["lora_path"]).is_relative_to(
+                self.fake.allowed):
+            self.send_json(400, {"error": f"lora_path {body['lora_path']!r} is outside the allowed adapter "
+                                          "directories: adapters"})
         elif self._auth(admin=True):
             self.fake.adapters.add(body["lora_name"])
             self.send_json(200, {"status": "loaded", "lora_name": body["lora_name"], "load_ms": 1.5})
@@ -263,6 +269,21 @@ def test_load_adapter_publishes_loads_and_waits(fake: Fake, tmp_path: Path) -> N
     assert len([p for p in (publish / "sw").iterdir() if not p.name.startswith(".")]) == 2
     srv = deploy.load_adapter(fake.url, tmp_path / "a", "sw2", publish_dir=str(publish), server_dir="/srv/ads")
     assert srv["lora_path"].startswith("/srv/ads/sw2/")
+
+
+def test_a_path_the_server_may_not_read_says_how_to_allow_it(fake: Fake, tmp_path: Path) -> None:
+    fake.allowed = tmp_path / "served"
+    adapter = _adapter(tmp_path / "store" / "a")
+    with pytest.raises(deploy.DeployError) as err:   # the artifact itself: allow a folder holding it, or publish
+        deploy.load_adapter(fake.url, adapter, "sw")
+    msg = str(err.value)
+    assert msg.startswith("step 'deploy', field 'args.publish_dir': the server cannot read ")
+    assert "give publish_dir" in msg and "tandem serve --adapter-dir DIR" in msg and str(adapter) in msg
+    with pytest.raises(deploy.DeployError) as err:   # a publish folder the server does not read
+        deploy.load_adapter(fake.url, adapter, "sw", publish_dir=str(tmp_path / "elsewhere"))
+    assert "publish_dir must be one of the entry's llm.adapter_dirs" in str(err.value)
+    fake.allowed = tmp_path / "store"   # as `make serve` allows the local artifact store
+    assert deploy.load_adapter(fake.url, adapter, "sw")["lora_path"] == str(adapter)
 
 
 def test_the_same_adapter_again_is_not_reloaded(fake: Fake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -358,3 +379,16 @@ def test_a_function_step_gets_its_requests_from_json(fake: Fake, tmp_path: Path)
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "passed").read_text() == "1"
+
+
+def test_make_serve_allows_the_artifact_store_pipeline_runs_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's lora command deploys into `make serve` only if the two agree on where artifacts live."""
+    from tandem.pipeline.runner import default_home
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k not in ("TANDEM_PIPELINE_HOME", "MAKEFLAGS")}
+    lines = subprocess.run(["make", "-n", "-s", "serve"], cwd=root, env=env, capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    serve = next(line for line in lines if " serve " in line + " ")
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("TANDEM_PIPELINE_HOME", raising=False)
+    assert f"--adapter-dir '{default_home() / 'artifacts'}'" in serve, lines
