@@ -127,7 +127,8 @@ def serve(
             os.environ[TANDEM_ADAPTER_DIRS] = os.pathsep.join(str(_folder(d, "--adapter-dir")) for d in adapter_dir)
         kinds = builtin_kinds()
         folder = repo or default_repository() if repo or not llm else None
-        entries = scan_repository(folder, kinds) if folder is not None else []
+        entries = scan_repository(folder, kinds, allow_empty=model_control != "none") \
+            if folder is not None else []
         if llm is not None:
             entries.append(cli_llm_entry(len(entries), llm, lora_adapters, max_total_tokens))
         sup = Supervisor(entries, server, kinds, repo=folder)

@@ -11,8 +11,9 @@
   beside the old ones and the old drain, so no request fails; older versions move to REPO/.tandem-retired/;
 - smoke: the new version, pinned, names the shape of each smoke image.
 
-    TANDEM_ADMIN_KEY=... tandem pipeline run examples/pipelines/classifier.py \\
-        --param server=http://127.0.0.1:8000 --param repo_dir=/srv/models
+    mkdir -p /srv/models && tandem serve /srv/models --port 8001 --admin-key KEY   # may start empty
+    TANDEM_ADMIN_KEY=KEY tandem pipeline run examples/pipelines/classifier.py \\
+        --param server=http://127.0.0.1:8001 --param repo_dir=/srv/models
 
 `min_speedup` is 0 by default: on a model this small int8 is not faster than FP32 on ONNX Runtime, and the
 example is about the workflow; keep the doctor's default (1.05) for real models.

@@ -251,13 +251,16 @@ def build_entry(index: int, kinds: Kinds, found: _Found) -> ModelEntry:
     return _entry(index, kinds, *found)
 
 
-def scan_repository(repo: Path, kinds: Kinds) -> list[ModelEntry]:
-    """Load and validate every model of a repository with the kinds given; errors name the file and field."""
+def scan_repository(repo: Path, kinds: Kinds, *, allow_empty: bool = False) -> list[ModelEntry]:
+    """Load and validate every model of a repository with the kinds given; errors name the file and field.
+
+    `allow_empty`: an empty repository is fine (models are added at run time through the repository API)."""
     if not repo.is_dir():
         raise ConfigError(f"{repo}: model repository not found (fix: pass a folder of model folders)")
     folders = _model_folders(repo, kinds)
-    if not folders:
-        raise ConfigError(f"{repo}: no model folders with a model.py inside")
+    if not folders and not allow_empty:
+        raise ConfigError(f"{repo}: no model folders with a model.py inside (fix: add one, or start with "
+                          "--model-control explicit|poll to add models at run time)")
     entries = [_entry(i, kinds, *found) for i, found in enumerate(folders)]
     keys = [e.key for e in entries]
     dupes = sorted({k for k in keys if keys.count(k) > 1})

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -186,5 +188,23 @@ def test_poll_mode_picks_up_new_and_removed_models(tmp_path: Path) -> None:
                 time.sleep(0.5)
             assert c.get("/v2/models/second/ready").status_code == 404
             assert c.post("/predictions/echo", json={"x": [2]}).json()["y"] == [4]
+    finally:
+        server.stop()
+
+
+def test_an_empty_repository_starts_and_takes_models_at_run_time(tmp_path: Path) -> None:
+    """A pipeline's first roll-out needs a server over a folder with nothing in it yet (Triton's explicit mode)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    cmd = [sys.executable, "-m", "tandem.cli", "serve", str(repo), "--model-control", "none", "--port", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)   # nothing to serve, nothing to add
+    assert proc.returncode == 2 and "--model-control explicit|poll" in " ".join((proc.stdout + proc.stderr).split())
+    server = start_server(repo, "--cpu-workers", "1")
+    try:
+        with server.client() as c:
+            assert _index(c) == {} and c.get("/v2/health/ready").status_code == 200
+            _add_second(repo)
+            assert c.post("/v2/repository/models/second/load").status_code == 200
+            assert c.post("/predictions/second", json={"x": [3]}).json()["y"] == [6]
     finally:
         server.stop()
